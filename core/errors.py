@@ -1,0 +1,32 @@
+"""Exception types of ditkit. Tests and the conformance kit assert these types, never messages."""
+
+
+class DitkitError(Exception):
+    """Base class of every error ditkit raises on purpose."""
+
+
+class PluginError(DitkitError):
+    """A plugin failed to import, declared an invalid record, or clashes with another plugin."""
+
+
+class UnknownModelError(DitkitError, KeyError):
+    """``core.load`` was given a name no plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(DitkitError):
+    """A checkpoint directory does not match the layout the plugin loads."""
+
+
+class InputError(DitkitError, ValueError):
+    """A generation argument breaks the model's rules (size, frame count, steps, prompt)."""
+
+
+class CompileError(DitkitError, ValueError):
+    """``compile_pipeline`` was asked for something the pipeline cannot compile."""
+
+
+class ParallelError(DitkitError):
+    """The sequence-parallel setup is invalid or a rank failed or diverged."""

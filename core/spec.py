@@ -1,0 +1,244 @@
+"""What a plugin declares: the typed records its hooks return.
+
+Every record is a pydantic model validated when the registry collects it; an invalid record is a
+:class:`core.errors.PluginError` naming the plugin and its distribution.  The records only
+*declare*; the core does the work (building, loading weights, compiling, parallelising).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ModelSpec",
+    "Preset",
+    "WeightFile",
+    "WeightsLayout",
+    "Capabilities",
+    "SequenceSplit",
+    "SequenceGather",
+    "AttentionSite",
+    "UspAdapter",
+    "AttentionKernelSpec",
+]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Preset(_Record):
+    """A named configuration of a model.
+
+    ``config`` is passed to the pipeline factory as is. ``random_weights`` presets build with
+    seeded random weights (no checkpoint); the others need ``weights=`` pointing at a checkpoint
+    directory in the layout of :class:`WeightsLayout`.
+    """
+
+    description: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    random_weights: bool = False
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    """Default generation arguments for this preset (``steps``, ``height``, ``width``, ...)."""
+
+
+class WeightFile(_Record):
+    """One checkpoint file (or sharded set) and the pipeline component it fills.
+
+    ``path`` is relative to the weights directory. For ``format="safetensors"`` the file may
+    also be sharded: ``<path>.index.json`` (the Hugging Face index) names the shards.
+    ``prefix`` selects the keys that start with it (and strips it) when several components share
+    one file. ``key_map`` (a callable or ``"module:attr"``) converts checkpoint keys to module keys.
+    """
+
+    component: str
+    path: str
+    format: Literal["safetensors", "torch"] = "safetensors"
+    prefix: str = ""
+    key_map: Callable[[str], str | None] | str | None = None
+    optional: bool = False
+
+
+class WeightsLayout(_Record):
+    """The official checkpoint layout a plugin loads, as files relative to one directory."""
+
+    description: str = ""
+    files: list[WeightFile]
+    required_paths: list[str] = Field(default_factory=list)
+    """Other files or folders that must exist (tokenizer folders, configs)."""
+
+
+class Capabilities(_Record):
+    """What a model supports; the conformance kit skips checks ruled out here, with the reason."""
+
+    output: Literal["image", "video", "audio", "video+audio"] = "image"
+    cfg: bool = True
+    compile: bool = True
+    usp: bool = False
+    negative_prompt: bool = True
+    image_input: bool = False
+    size_multiple: int = 16
+    """``height`` and ``width`` must be multiples of this."""
+    max_prompt_tokens: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# USP adapter: how a component runs with its token sequences split across ranks.
+
+
+class SequenceSplit(_Record):
+    """Split a tensor along ``dim`` where it enters or leaves a submodule.
+
+    ``module`` is a dotted path inside the component (``""`` is the component itself);
+    ``at="input"`` splits the argument ``arg`` (a keyword name or a positional index) before the
+    submodule runs, ``at="output"`` splits its output (``arg`` indexes a tuple output, ``None``
+    the whole output). All splits of one ``sequence`` share the same token ranges, so rotary tables
+    and per-token modulation follow their tokens.
+    """
+
+    sequence: str = "tokens"
+    module: str
+    at: Literal["input", "output"] = "input"
+    arg: str | int | None = None
+    dim: int = 1
+
+
+class SequenceGather(_Record):
+    """Gather a split ``sequence`` back to full length at a submodule's ``at`` point."""
+
+    sequence: str = "tokens"
+    module: str
+    at: Literal["input", "output"] = "output"
+    arg: str | int | None = None
+    dim: int = 1
+
+
+class AttentionSite(_Record):
+    """How one attention call site (the ``site=`` name models pass to ``core.attention``) runs.
+
+    - ``parallel``: queries, keys and values are all the split ``sequence``; runs through the
+      USP engine (Ulysses all-to-all and/or ring).
+    - ``local``: queries are split, keys/values are a context every rank holds whole.
+    - ``gather_kv``: queries are split; keys/values are the split ``kv_sequence`` of another
+      stream, gathered whole before a local attention.
+    - ``joint``: ``[text, image]`` concatenated; the image part is the split ``sequence``; the
+      text part is replicated on every rank (``joint_text="replicate"``).
+    """
+
+    strategy: Literal["parallel", "local", "gather_kv", "joint"]
+    sequence: str = "tokens"
+    kv_sequence: str | None = None
+    joint_text: Literal["replicate"] = "replicate"
+
+    @model_validator(mode="after")
+    def _kv_sequence_for_gather(self) -> "AttentionSite":
+        if self.strategy == "gather_kv" and not self.kv_sequence:
+            raise ValueError("an attention site with strategy 'gather_kv' must name kv_sequence")
+        return self
+
+
+class UspAdapter(_Record):
+    """Unified Sequence Parallelism for one pipeline component."""
+
+    component: str
+    heads: int | str
+    """The attention head count, or the config key that holds it (validated against the Ulysses degree)."""
+    splits: list[SequenceSplit]
+    gathers: list[SequenceGather]
+    sites: dict[str, AttentionSite]
+
+    @model_validator(mode="after")
+    def _sequences_consistent(self) -> "UspAdapter":
+        split = {s.sequence for s in self.splits}
+        if not self.splits:
+            raise ValueError("a USP adapter needs at least one split")
+        for g in self.gathers:
+            if g.sequence not in split:
+                raise ValueError(f"gather of sequence {g.sequence!r}, which no split declares (splits: {sorted(split)})")
+        missing = split - {g.sequence for g in self.gathers}
+        if missing:
+            raise ValueError(f"split sequence(s) {sorted(missing)} are never gathered")
+        for name, site in self.sites.items():
+            for seq in (site.sequence, site.kv_sequence):
+                if seq is not None and seq not in split:
+                    raise ValueError(f"attention site {name!r} uses sequence {seq!r}, which no split declares")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelSpec(_Record):
+    """One model a plugin registers (the ``ditkit_register_models`` hook returns a list of these).
+
+    ``pipeline`` is the factory: ``pipeline(config, *, device, dtype, weights, **options)`` returns a
+    :class:`core.pipeline.Pipeline`; ``config`` is the chosen preset's ``config``; ``weights`` is the
+    checkpoint directory (``None`` for random-weight presets, then the factory seeds its own init).
+    """
+
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    pipeline: Callable[..., Any]
+    presets: dict[str, Preset]
+    default_preset: str = "tiny"
+    weights: WeightsLayout | None = None
+    compilable_models: list[str] = Field(default_factory=list)
+    repeated_blocks: dict[str, list[str]] = Field(default_factory=dict)
+    """Component name -> class names of its repeated blocks (merged with ``_repeated_blocks``)."""
+    compiled_methods: dict[str, list[str]] = Field(default_factory=dict)
+    """Component name -> the methods the pipeline calls on it (default ``["forward"]``)."""
+    usp: list[UspAdapter] = Field(default_factory=list)
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+
+    @field_validator("name")
+    @classmethod
+    def _name_format(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"model name {v!r} must be lowercase letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_format(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not _NAME.match(a):
+                raise ValueError(f"alias {a!r} must be lowercase letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if "tiny" not in self.presets:
+            raise ValueError(f"model {self.name!r} has no 'tiny' preset (mandatory: random weights, CPU-sized)")
+        if not self.presets["tiny"].random_weights:
+            raise ValueError(f"model {self.name!r}: the 'tiny' preset must use random weights")
+        if self.default_preset not in self.presets:
+            raise ValueError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
+        needs_weights = [p for p, pr in self.presets.items() if not pr.random_weights]
+        if needs_weights and self.weights is None:
+            raise ValueError(f"presets {needs_weights} load weights but the model declares no weights layout")
+        components = set(self.compilable_models)
+        for field, mapping in (("repeated_blocks", self.repeated_blocks), ("compiled_methods", self.compiled_methods)):
+            unknown = set(mapping) - components
+            if unknown:
+                raise ValueError(f"{field} names {sorted(unknown)}, which are not in compilable_models {sorted(components)}")
+        if self.usp and not self.capabilities.usp:
+            raise ValueError("USP adapters are declared but capabilities.usp is False")
+        if self.capabilities.usp and not self.usp:
+            raise ValueError("capabilities.usp is True but no USP adapter is declared")
+        return self
+
+
+class AttentionKernelSpec(_Record):
+    """An attention kernel a plugin offers (``ditkit_register_attention_kernels``).
+
+    ``kernel(q, k, v, *, mask, scale)`` takes and returns ``(B, H, L, D)`` tensors, like SDPA.
+    """
+
+    name: str
+    kernel: Callable[..., Any]
+    description: str = ""

@@ -1,0 +1,111 @@
+"""Regional, whole-model and method compilation of pipeline components.
+
+For each block class a component repeats, the class's ``forward`` is compiled *once* and bound to
+every instance, so all instances share one dynamo code object and one graph (``nn.Module.compile``
+would compile ``Module._call_impl``, a code object shared by every module class, so a second block
+class would count as a recompilation of the first). Module hooks (USP splits) stay outside the
+compiled region. Components without repeated blocks get their called methods compiled whole:
+``forward`` and, where declared, methods such as a VAE's ``decode`` / ``encode``.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import CompileError
+
+__all__ = ["CompiledPart", "CompileReport", "compile_components", "repeated_block_names"]
+
+_MARK = "_ditkit_compiled_methods"
+
+
+@dataclass(frozen=True)
+class CompiledPart:
+    component: str
+    how: str  # "regional" | "whole" | "method"
+    target: str  # block class name, or "ClassName.method"
+    instances: int
+
+
+@dataclass
+class CompileReport:
+    """What :meth:`Pipeline.compile_pipeline` compiled, and how."""
+
+    parts: list[CompiledPart] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    def components(self) -> list[str]:
+        return sorted({p.component for p in self.parts})
+
+    def to_dict(self) -> dict:
+        return {"options": self.options, "parts": [asdict(p) for p in self.parts]}
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        rows = [("component", "how", "compiled", "instances sharing one graph")]
+        rows += [(p.component, p.how, p.target, str(p.instances)) for p in self.parts]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"compile_pipeline({opts})"]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+
+def repeated_block_names(module: nn.Module, declared: Iterable[str] = ()) -> list[str]:
+    """Declared block class names plus the model class's ``_repeated_blocks`` attribute."""
+    own = getattr(type(module), "_repeated_blocks", None) or ()
+    return list(dict.fromkeys([*declared, *own]))
+
+
+def _compiled_function(cache: dict, cls: type, method: str, options: dict):
+    key = (cls, method)
+    if key not in cache:
+        fn = getattr(cls, method)
+        cache[key] = torch.compile(fn, **options)
+    return cache[key]
+
+
+def _bind(module: nn.Module, method: str, compiled) -> None:
+    done = module.__dict__.setdefault(_MARK, set())
+    if method in done:
+        return
+    setattr(module, method, types.MethodType(compiled, module))
+    done.add(method)
+
+
+def compile_components(
+    modules: dict[str, nn.Module],
+    *,
+    repeated_blocks: dict[str, list[str]],
+    methods: dict[str, list[str]],
+    options: dict,
+) -> CompileReport:
+    """Compile ``modules`` (component name -> module) and report what was compiled."""
+    report = CompileReport(options=dict(options))
+    cache: dict = {}
+    for name, module in modules.items():
+        blocks = repeated_block_names(module, repeated_blocks.get(name, ()))
+        if blocks:
+            for cls_name in blocks:
+                instances = [m for m in module.modules() if type(m).__name__ == cls_name]
+                if not instances:
+                    present = sorted({type(m).__name__ for m in module.modules()})
+                    raise CompileError(
+                        f"component {name!r} declares repeated block class {cls_name!r}, but no submodule is of "
+                        f"that class (classes present: {', '.join(present)})"
+                    )
+                compiled = _compiled_function(cache, type(instances[0]), "forward", options)
+                for m in instances:
+                    _bind(m, "forward", compiled)
+                report.parts.append(CompiledPart(name, "regional", cls_name, len(instances)))
+            continue
+        for method in methods.get(name, ["forward"]):
+            if not callable(getattr(module, method, None)):
+                raise CompileError(f"component {name!r} ({type(module).__name__}) has no method {method!r} to compile")
+            _bind(module, method, _compiled_function(cache, type(module), method, options))
+            how = "whole" if method == "forward" else "method"
+            report.parts.append(CompiledPart(name, how, f"{type(module).__name__}.{method}", 1))
+    return report

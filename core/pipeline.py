@@ -1,0 +1,202 @@
+"""The base class every plugin pipeline derives from.
+
+A pipeline holds its components (``torch.nn.Module`` attributes such as ``dit``, ``vae``,
+``text_encoder``), validates generation arguments, runs the shared flow-matching denoising loop
+with classifier-free guidance and a progress bar, and compiles its components on request.
+Subclasses implement :meth:`generate`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .compile import CompileReport, compile_components
+from .errors import CompileError, InputError
+from .outputs import Output
+from .sampler import euler_step, guide, noise
+
+__all__ = ["Pipeline"]
+
+Velocity = Callable[[torch.Tensor, torch.Tensor, str, int], torch.Tensor]
+"""``velocity(x, sigma, branch, step)``: the model's velocity; ``branch`` is "cond" or "uncond"."""
+
+
+class Pipeline:
+    """Base of every plugin pipeline.
+
+    Class attributes a subclass may set (a :class:`core.spec.ModelSpec` attached by ``core.load``
+    takes precedence): ``compilable_models``, ``defaults`` (generation defaults).
+    """
+
+    compilable_models: tuple[str, ...] = ()
+    defaults: dict[str, Any] = {"steps": 20, "guidance_scale": 1.0, "height": 64, "width": 64}
+
+    def __init__(self, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.spec = None  # the ModelSpec, attached by core.load
+        self.preset_defaults: dict[str, Any] = {}
+        self.compile_report: CompileReport | None = None
+        self.parallel = None  # the USP runtime, attached by core.load(use_usp=True)
+
+    # -- components ----------------------------------------------------------------------------
+    def components(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, nn.Module)}
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        for module in self.components().values():
+            module.to(device=device)
+        if device is not None:
+            self.device = torch.device(device)
+        return self
+
+    def _compilable(self) -> list[str]:
+        return list(self.spec.compilable_models if self.spec is not None else self.compilable_models)
+
+    # -- compilation ---------------------------------------------------------------------------
+    def compile_pipeline(
+        self,
+        mode: str | None = "default",
+        dynamic: bool | None = True,
+        fullgraph: bool = False,
+        compile_models: Iterable[str] | None = None,
+        **kwargs,
+    ) -> CompileReport:
+        """Compile the pipeline's components with ``torch.compile``.
+
+        By default every component in ``compilable_models``. Components with repeated blocks (declared
+        in the spec or a ``_repeated_blocks`` class attribute) are compiled regionally: one graph per
+        block class, shared by every instance; others are compiled whole, including the methods the
+        pipeline calls on them (a VAE's ``decode``). Extra ``kwargs`` go to ``torch.compile``.
+        Returns (and keeps in ``self.compile_report``) what was compiled and how.
+        """
+        allowed = self._compilable()
+        names = list(compile_models) if compile_models is not None else allowed
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise CompileError(
+                f"cannot compile {', '.join(map(repr, unknown))}: compilable components are "
+                f"{', '.join(map(repr, allowed)) or 'none'}"
+            )
+        components = self.components()
+        absent = [n for n in names if n not in components]
+        if absent:
+            raise CompileError(f"compilable component(s) {absent} are not nn.Module attributes of {type(self).__name__}")
+        options = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, **kwargs}
+        spec = self.spec
+        report = compile_components(
+            {n: components[n] for n in names},
+            repeated_blocks=dict(spec.repeated_blocks) if spec is not None else {},
+            methods=dict(spec.compiled_methods) if spec is not None else {},
+            options=options,
+        )
+        self.compile_report = report
+        return report
+
+    # -- generation ----------------------------------------------------------------------------
+    def resolve(self, **kwargs) -> dict[str, Any]:
+        """Fill unset (``None``) arguments from the preset's defaults, then the class defaults."""
+        merged = {**self.defaults, **self.preset_defaults}
+        return {k: (merged.get(k) if v is None else v) for k, v in {**{k: None for k in merged}, **kwargs}.items()}
+
+    def check_inputs(self, args: dict[str, Any]) -> None:
+        """Raise :class:`InputError` for arguments that break the model's rules."""
+        prompt = args.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
+        neg = args.get("negative_prompt")
+        if neg is not None and not isinstance(neg, str):
+            raise InputError(f"negative_prompt must be a string, got {type(neg).__name__}")
+        steps = args.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise InputError(f"steps must be a positive integer, got {steps!r}")
+        scale = args.get("guidance_scale")
+        if not isinstance(scale, (int, float)) or scale < 0:
+            raise InputError(f"guidance_scale must be a number >= 0, got {scale!r}")
+        seed = args.get("seed")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise InputError(f"seed must be an integer, got {seed!r}")
+        multiple = self.spec.capabilities.size_multiple if self.spec is not None else 16
+        for key in ("height", "width"):
+            value = args.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
+                raise InputError(f"{key} must be a positive multiple of {multiple}, got {value!r}")
+
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        progress: bool | None = None,
+        **extra,
+    ) -> Output:
+        """Generate. Unset arguments take the preset's defaults; ``progress=None`` shows a progress
+        bar only on a terminal. Returns an :class:`core.outputs.Output`."""
+        args = self.resolve(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+            seed=seed, height=height, width=width, **extra,
+        )
+        self.check_inputs(args)
+        with torch.inference_mode():
+            return self.generate(progress=progress, **args)
+
+    def generate(self, **args) -> Output:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement generate()")
+
+    # -- shared sampling -----------------------------------------------------------------------
+    def noise(self, shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+        """Seeded noise, identical on every device and rank (drawn on the CPU)."""
+        x = noise(shape, seed, device=self.device, dtype=dtype)
+        if self.parallel is not None:
+            self.parallel.check_same(x, what="initial noise")
+        return x
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        velocity: Velocity,
+        *,
+        guidance_scale: float | Callable[[int, float], float] = 1.0,
+        cfg_rescale_dim: int | None = None,
+        progress: bool | None = None,
+        desc: str = "denoising",
+    ) -> torch.Tensor:
+        """Flow-matching Euler loop with classifier-free guidance.
+
+        ``velocity(x, sigma, branch, step)`` runs the model for one branch ("cond" / "uncond") at
+        noise level ``sigma`` (a 0-d float32 tensor, so compiled models never specialise on it).
+        ``guidance_scale`` may depend on the step (``fn(step, sigma)``); at 1.0 the unconditional
+        branch is skipped.
+        """
+        steps = len(sigmas) - 1
+        for i in self.progress_bar(range(steps), progress=progress, desc=desc):
+            sigma = sigmas[i].to(torch.float32)
+            scale = guidance_scale(i, float(sigma)) if callable(guidance_scale) else guidance_scale
+            branches = ("cond", "uncond") if scale != 1.0 else ("cond",)
+            if self.parallel is not None:
+                preds = self.parallel.run_branches(lambda b: velocity(x, sigma, b, i), branches)
+            else:
+                preds = {b: velocity(x, sigma, b, i) for b in branches}
+            v = preds["cond"] if len(branches) == 1 else guide(preds["cond"], preds["uncond"], scale, cfg_rescale_dim)
+            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        return x
+
+    def progress_bar(self, iterable, *, progress: bool | None = None, desc: str = ""):
+        """tqdm over ``iterable``: on a terminal by default, forced on/off by ``progress``;
+        shown on rank 0 only under USP."""
+        from tqdm.auto import tqdm
+
+        if self.parallel is not None and not self.parallel.is_main:
+            progress = False
+        disable = None if progress is None else not progress
+        return tqdm(iterable, desc=desc, disable=disable, leave=False)

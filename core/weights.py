@@ -1,0 +1,233 @@
+"""Loading official checkpoints into pipeline components.
+
+A plugin declares its checkpoint layout (:class:`core.spec.WeightsLayout`); this module checks a
+directory against it and loads it. Every mismatch is a :class:`core.errors.WeightsError` naming
+the file, the key and both shapes, raised from the checkpoint headers (safetensors) or a
+memory-mapped read (``.pth``) before the component's memory is filled.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .errors import WeightsError
+from .spec import WeightFile, WeightsLayout
+
+__all__ = ["Checkpoint", "open_checkpoint", "check_layout", "load_component", "load_pipeline_weights", "no_init_weights"]
+
+
+@dataclass
+class Checkpoint:
+    """Tensor names and shapes of one checkpoint file or sharded set, readable lazily."""
+
+    files: list[Path]
+    shapes: dict[str, tuple[int, ...]]
+    _where: dict[str, Path]
+    _torch_sd: dict | None = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._torch_sd is not None:
+            return self._torch_sd[key]
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self._torch_sd is not None:
+            return {k: self._torch_sd[k] for k in keys}
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self._where[k], []).append(k)
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt") as f:  # memory-mapped
+                for k in names:
+                    out[k] = f.get_tensor(k)
+        return out
+
+
+def _read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read safetensors file {path}: {exc} (truncated or not a safetensors file?)") from exc
+
+
+def open_checkpoint(root: Path, wf: WeightFile) -> Checkpoint | None:
+    """Open ``wf`` under ``root``: a single file, a sharded set (``<path>.index.json``) or a ``.pth``."""
+    path = root / wf.path
+    if wf.format == "torch":
+        if not path.is_file():
+            return _missing(root, wf)
+        try:
+            sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt archives
+            raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc} (truncated or corrupt?)") from exc
+        if not isinstance(sd, Mapping):
+            raise WeightsError(f"checkpoint {path} holds a {type(sd).__name__}, expected a state dict")
+        sd = dict(sd.get("state_dict", sd)) if "state_dict" in sd else dict(sd)
+        return Checkpoint([path], {k: tuple(v.shape) for k, v in sd.items()}, {k: path for k in sd}, sd)
+    index = path.with_name(path.name + ".index.json")
+    if path.is_file():
+        shapes = _read_safetensors_header(path)
+        return Checkpoint([path], shapes, {k: path for k in shapes})
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise WeightsError(f"index {index} is not a safetensors index (needs a 'weight_map'): {exc}") from exc
+        shapes, where = {}, {}
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            shard_path = index.parent / shard
+            if not shard_path.is_file():
+                raise WeightsError(f"shard {shard_path} named by {index} is missing")
+            header = _read_safetensors_header(shard_path)
+            for key, file in weight_map.items():
+                if file == shard:
+                    if key not in header:
+                        raise WeightsError(f"key {key!r} is listed in {index} for {shard} but that shard does not hold it")
+                    shapes[key] = header[key]
+                    where[key] = shard_path
+        return Checkpoint([index.parent / s for s in shards], shapes, where)
+    return _missing(root, wf, also=index.name)
+
+
+def _missing(root: Path, wf: WeightFile, also: str | None = None) -> None:
+    if wf.optional:
+        return None
+    alt = f" (or the sharded index {also})" if also else ""
+    raise WeightsError(f"missing checkpoint file {root / wf.path}{alt} for component {wf.component!r}")
+
+
+def _resolve_key_map(key_map) -> Callable[[str], str | None] | None:
+    if key_map is None or callable(key_map):
+        return key_map
+    module, _, attr = key_map.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _mapped_keys(ckpt: Checkpoint, wf: WeightFile) -> dict[str, str]:
+    """module key -> checkpoint key."""
+    key_map = _resolve_key_map(wf.key_map)
+    out: dict[str, str] = {}
+    for ck in ckpt.shapes:
+        if wf.prefix:
+            if not ck.startswith(wf.prefix):
+                continue
+            mk = ck[len(wf.prefix):]
+        else:
+            mk = ck
+        if key_map is not None:
+            mk = key_map(mk)
+            if mk is None:
+                continue
+        out[mk] = ck
+    return out
+
+
+def _expected(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_layout(root: Path, wf: WeightFile, module: nn.Module) -> tuple[Checkpoint, dict[str, str]] | None:
+    """Compare a checkpoint's keys and shapes with ``module`` (which may live on the meta device)."""
+    ckpt = open_checkpoint(root, wf)
+    if ckpt is None:
+        return None
+    mapping = _mapped_keys(ckpt, wf)
+    expected = _expected(module)
+    where = ", ".join(str(p) for p in ckpt.files[:3]) + (" ..." if len(ckpt.files) > 3 else "")
+    missing = sorted(set(expected) - set(mapping))
+    unexpected = sorted(set(mapping) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        names = [mapping[k] for k in unexpected]
+        problems.append(f"unexpected keys ({len(names)}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    for mk in sorted(set(expected) & set(mapping)):
+        got = ckpt.shapes[mapping[mk]]
+        if got != expected[mk]:
+            problems.append(f"key {mapping[mk]!r} has shape {list(got)} in the checkpoint, the model expects {list(expected[mk])}")
+    if problems:
+        raise WeightsError(f"checkpoint {where} does not fit component {wf.component!r}: " + "; ".join(problems))
+    return ckpt, mapping
+
+
+def load_component(root: Path, wf: WeightFile, module: nn.Module, checked=None) -> bool:
+    """Load one declared file into ``module``; returns False when an optional file is absent."""
+    checked = checked or check_layout(root, wf, module)
+    if checked is None:
+        return False
+    ckpt, mapping = checked
+    tensors = ckpt.tensors(list(mapping.values()))
+    state = {mk: tensors[ck] for mk, ck in mapping.items()}
+    with torch.no_grad():
+        module.load_state_dict(state, strict=True)  # copies and casts into the module's own dtype
+    return True
+
+
+def component_module(pipe, name: str) -> nn.Module:
+    module = getattr(pipe, name, None)
+    if not isinstance(module, nn.Module):
+        raise WeightsError(f"the weights layout names component {name!r}, but the pipeline has no such nn.Module")
+    return module
+
+
+def check_required_paths(root: Path, layout: WeightsLayout) -> None:
+    if not root.is_dir():
+        raise WeightsError(f"weights directory {root} does not exist or is not a directory")
+    for rel in layout.required_paths:
+        if not any(root.glob(rel)) if any(c in rel for c in "*?[") else not (root / rel).exists():
+            raise WeightsError(f"missing {root / rel} (required by the checkpoint layout: {layout.description or 'see the plugin'})")
+
+
+def load_pipeline_weights(pipe, root: Path, layout: WeightsLayout) -> list[str]:
+    """Load every declared file into the pipeline's components; returns the files loaded."""
+    loaded = []
+    for wf in layout.files:
+        if load_component(root, wf, component_module(pipe, wf.component)):
+            loaded.append(wf.path)
+    return loaded
+
+
+_INIT_FUNCS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)
+
+
+@contextlib.contextmanager
+def no_init_weights() -> Iterator[None]:
+    """Skip ``torch.nn.init`` while modules are built whose weights a checkpoint will overwrite.
+
+    Parameters are still allocated (untouched pages cost no memory on CPU), buffers computed in
+    ``__init__`` (rotary tables) are still computed.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCS}
+    try:
+        for name in _INIT_FUNCS:
+            setattr(nn.init, name, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def matching(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.iterdir() if fnmatch.fnmatch(p.name, pattern))

@@ -1,0 +1,1 @@
+"""An example third-party ditkit plugin (see CONTRIBUTING.md, "Writing a plugin")."""

@@ -1,0 +1,36 @@
+"""The plugin module named by the ``ditkit.plugins`` entry point: it only declares."""
+from core import hookimpl
+from core.spec import Capabilities, ModelSpec, Preset, WeightFile, WeightsLayout
+
+from .pipeline import ExamplePipeline
+
+TINY = {"dim": 64, "heads": 4, "joint_layers": 2, "single_layers": 2, "text_dim": 32, "vae_channels": 16}
+
+
+@hookimpl
+def ditkit_register_models():
+    return [
+        ModelSpec(
+            name="example-dit",
+            aliases=["example"],
+            description="Example text-to-image DiT with two repeated block types",
+            pipeline=ExamplePipeline,
+            presets={
+                "tiny": Preset(description="random weights, CPU seconds", config=TINY, random_weights=True),
+                "base": Preset(description="wider model from a checkpoint", config={**TINY, "dim": 128, "heads": 4}),
+            },
+            weights=WeightsLayout(
+                description="transformer/diffusion_pytorch_model.safetensors (single or sharded), "
+                "vae/diffusion_pytorch_model.safetensors, text_encoder/model.safetensors",
+                files=[
+                    WeightFile(component="dit", path="transformer/diffusion_pytorch_model.safetensors"),
+                    WeightFile(component="vae", path="vae/diffusion_pytorch_model.safetensors"),
+                    WeightFile(component="text_encoder", path="text_encoder/model.safetensors"),
+                ],
+            ),
+            compilable_models=["dit", "vae"],
+            repeated_blocks={"dit": ["JointBlock", "SingleBlock"]},
+            compiled_methods={"vae": ["decode"]},
+            capabilities=Capabilities(output="image", size_multiple=16, max_prompt_tokens=64),
+        )
+    ]

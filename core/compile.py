@@ -63,8 +63,15 @@ def repeated_block_names(module: nn.Module, declared: Iterable[str] = ()) -> lis
 def _compiled_function(cache: dict, cls: type, method: str, options: dict):
     key = (cls, method)
     if key not in cache:
-        fn = getattr(cls, method)
-        cache[key] = torch.compile(fn, **options)
+        compiled = torch.compile(getattr(cls, method), **options)
+        if options.get("dynamic"):
+            # Duck sizing ties dims of equal value (64 image tokens and a hidden size of 64, or 512
+            # text tokens and 512 image tokens) into one symbol, or specialises them to a static
+            # size; the next resolution then recompiles. Off only while our regions compile.
+            from torch.fx.experimental import _config as fx_config
+
+            compiled = fx_config.patch(use_duck_shape=False)(compiled)
+        cache[key] = compiled
     return cache[key]
 
 

@@ -9,16 +9,17 @@ divide by the degree give the single-process result: padding is masked inside th
 
 Files: ``mesh`` (groups), ``shards`` (padded shards), ``keymask`` (exact masking), ``engine``
 (xDiT/yunchang adaptation), ``router`` (per-site strategies), ``hooks`` (split/gather points),
-``runtime`` (enable/remove), ``consistency`` (same noise on every rank), ``cfg`` (CFG parallel),
+``runtime`` (enable/remove per component), ``attach`` (a whole pipeline: ``pipe.parallel``), ``consistency`` (same noise on every rank), ``cfg`` (CFG parallel),
 ``launch`` (local multi-process runs).
 """
+from .attach import UspRuntime, attach_usp, component_heads
 from .cfg import cfg_parallel
 from .consistency import assert_same_on_ranks, checksum
 from .engine import UspEngine, make_engine
-from .launch import RankFailed, free_port, launch
+from .launch import RankFailed, free_port, launch, relaunch_cli
 from .mesh import Mesh, default_timeout, init_mesh, plan_degrees, valid_ulysses_degrees
 from .router import UspRouter
-from .runtime import UspHandle, enable_usp, resolve_heads
+from .runtime import UspHandle, enable_usp
 from .shards import SequenceState, ShardLayout, gather_tensor, shard_tensor
 
 __all__ = [
@@ -32,7 +33,9 @@ __all__ = [
     "UspRouter",
     "UspHandle",
     "enable_usp",
-    "resolve_heads",
+    "attach_usp",
+    "UspRuntime",
+    "component_heads",
     "ShardLayout",
     "SequenceState",
     "shard_tensor",
@@ -41,6 +44,7 @@ __all__ = [
     "checksum",
     "cfg_parallel",
     "launch",
+    "relaunch_cli",
     "RankFailed",
     "free_port",
 ]

@@ -51,32 +51,45 @@ def cpu_flash_lse(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *arg
     return out.transpose(1, 2), lse.float()
 
 
-_cudnn_ok = True
+_refused: set[tuple] = set()  # (kernel, head_dim, dtype) a CUDA kernel turned down; not asked again
+
+
+def _lse(lse: torch.Tensor, b: int, h: int, length: int) -> torch.Tensor:
+    # cuDNN may return (B, H, L, 1); the memory-efficient kernel pads L to a multiple of 32.
+    return lse.reshape(b, h, -1)[..., :length].float()
 
 
 def cuda_sdpa_lse(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *args, **kwargs):
     """yunchang block kernel on CUDA: cuDNN SDPA with its log-sum-exp, else flash, else efficient."""
-    global _cudnn_ok
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    b, h, length = qt.shape[:3]
-    if q.dtype in (torch.float16, torch.bfloat16):
-        if _cudnn_ok:
-            try:
+    b, h, length, d = qt.shape
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    for name in ("cudnn", "flash", "efficient"):
+        key = (name, d, q.dtype)
+        if key in _refused or (name != "efficient" and not half):
+            continue
+        try:
+            if name == "cudnn":
                 out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
                     qt, kt, vt, None, True, dropout_p, causal, False, scale=softmax_scale
                 )[:2]
-                return out.transpose(1, 2), lse.reshape(b, h, length).float()
-            except RuntimeError as exc:  # shape/arch cuDNN does not support: stop asking
-                _cudnn_ok = False
-                log.warning("cuDNN SDPA refused %s (%s); USP uses the flash kernel", tuple(qt.shape), exc)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            qt, kt, vt, dropout_p, causal, False, scale=softmax_scale
-        )[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qt, kt, vt, None, True, dropout_p, causal, scale=softmax_scale
-        )[:2]
-    return out.transpose(1, 2), lse.reshape(b, h, length).float()
+            elif name == "flash":
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                    qt, kt, vt, dropout_p, causal, False, scale=softmax_scale
+                )[:2]
+            else:
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    qt, kt, vt, None, True, dropout_p, causal, scale=softmax_scale
+                )[:2]
+        except RuntimeError as exc:  # a shape / dtype / arch this kernel does not support
+            if name == "efficient":
+                raise
+            _refused.add(key)
+            log.warning("USP: %s SDPA refused head_dim %d %s (%s); trying the next kernel", name, d, q.dtype,
+                        str(exc).splitlines()[0][:200])
+            continue
+        return out.transpose(1, 2), _lse(lse, b, h, length)
+    raise AssertionError("unreachable")
 
 
 class UspEngine:

@@ -5,7 +5,9 @@ this rank's padded shard; a :class:`core.spec.SequenceGather` one that replaces 
 whole, unpadded sequence.  ``arg`` picks the tensor: at an input, a keyword name (found also when
 passed positionally), a positional index, or ``None`` for the first positional argument; at an
 output, a tuple index, a mapping key / attribute name, or ``None`` for the whole output.  A
-``None`` tensor (an optional input the call left out) is passed through untouched.
+``None`` tensor (an optional input the call left out) is passed through untouched, and so is a
+tensor whose ``dim`` has size 1: it broadcasts over the tokens (Wan's timestep features are
+``(B, L, ...)`` per token for TI2V-5B but ``(B, 1, ...)`` for 2.1; one adapter serves both).
 """
 from __future__ import annotations
 
@@ -124,6 +126,8 @@ def install_sequence_hooks(
 
         def transform(t, rule=rule, where=where, is_split=is_split):
             t = _check_tensor(t, rule.dim, where)
+            if t.shape[rule.dim] == 1 and (rule.sequence not in state or state.layout(rule.sequence, where).total != 1):
+                return t  # size 1 broadcasts over the tokens (e.g. one timestep for all): every rank keeps it
             if is_split:
                 layout = state.record(rule.sequence, t.shape[rule.dim], where)
                 return shard_tensor(t, rule.dim, layout)

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from core.errors import ParallelError
 
-__all__ = ["launch", "RankFailed", "free_port"]
+__all__ = ["launch", "relaunch_cli", "RankFailed", "free_port"]
 
 
 class RankFailed(ParallelError):
@@ -163,3 +163,36 @@ def _failure(outdir: str, first_codes: list, codes: list) -> ParallelError:
         except Exception:
             pass
     return err
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out if "--usp" in out else [*out, "--usp"]
+
+
+def _cli_rank(argv: list[str]) -> int:
+    from core.cli import main
+
+    code = main(argv)
+    if code:
+        # The CLI printed this rank's error; raising makes the launcher stop the other ranks now.
+        raise ParallelError(f"`ditkit {' '.join(argv)}` exited with status {code} on rank {os.environ.get('RANK')}")
+    return code
+
+
+def relaunch_cli(nproc: int, argv: list[str], timeout: float | None = None) -> int:
+    """``ditkit ... --nproc N``: rerun the same command line on N local ranks with ``--usp``.
+
+    Returns rank 0's exit status; a rank's failure is raised as :class:`RankFailed`
+    (``timeout``: ``DITKIT_LAUNCH_TIMEOUT`` seconds, default 3600).
+    """
+    if timeout is None:
+        timeout = float(os.environ.get("DITKIT_LAUNCH_TIMEOUT", "3600"))
+    return launch(_cli_rank, nproc, args=(_strip_nproc(list(argv)),), timeout=timeout)

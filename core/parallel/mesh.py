@@ -10,7 +10,9 @@ the valid choices instead of deep inside an all-to-all.
 """
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -31,14 +33,22 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def valid_ulysses_degrees(sp_degree: int, heads: int | None) -> list[int]:
+def _heads(heads: int | Iterable[int] | None) -> int | None:
+    # Several components (two towers, ...) share one mesh: the Ulysses degree must divide them all.
+    if heads is None or isinstance(heads, int):
+        return heads
+    return math.gcd(*heads)
+
+
+def valid_ulysses_degrees(sp_degree: int, heads: int | Iterable[int] | None) -> list[int]:
     """The Ulysses degrees usable with ``sp_degree`` sequence-parallel ranks and ``heads`` heads."""
+    heads = _heads(heads)
     return [d for d in _divisors(sp_degree) if heads is None or heads % d == 0]
 
 
 def plan_degrees(
     world_size: int,
-    heads: int | None = None,
+    heads: int | Iterable[int] | None = None,
     ulysses_degree: int | None = None,
     ring_degree: int | None = None,
     cfg_parallel: bool = False,
@@ -46,8 +56,10 @@ def plan_degrees(
     """Return ``(ulysses_degree, ring_degree)`` for ``world_size`` ranks, or raise :class:`ParallelError`.
 
     Unset degrees default to the largest Ulysses degree that divides both the sequence-parallel
-    degree and ``heads``; the ring takes the rest.
+    degree and ``heads`` (every count, when several components share the mesh); the ring takes
+    the rest.
     """
+    heads = _heads(heads)
     cfg = 2 if cfg_parallel else 1
     if world_size < 1 or world_size % cfg:
         raise ParallelError(f"CFG parallel needs an even world size, got {world_size} ranks")
@@ -126,7 +138,7 @@ def _env_int(name: str) -> int | None:
 
 
 def init_mesh(
-    heads: int | None = None,
+    heads: int | Iterable[int] | None = None,
     ulysses_degree: int | None = None,
     ring_degree: int | None = None,
     cfg_parallel: bool = False,

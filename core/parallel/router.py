@@ -53,11 +53,17 @@ class UspRouter:
         if scale is None:
             scale = q.shape[-1] ** -0.5
         if spec.strategy == "gather_kv":
+            if spec.kv_sequence not in self.state and k.shape[1] == 1:
+                return None  # a 1-token sequence is never split (see core.parallel.hooks)
             return self._gather_kv(q, k, v, spec, scale, where)
         if q.shape[2] % self.mesh.ulysses_degree:
             raise ParallelError(
                 f"{where}: {q.shape[2]} heads do not divide by Ulysses degree {self.mesh.ulysses_degree}"
             )
+        if spec.sequence not in self.state:
+            text = site_args.get("text_len", 0) if spec.strategy == "joint" else 0
+            if isinstance(text, int) and q.shape[1] - text == 1 and k.shape[1] - text == 1:
+                return None  # a 1-token sequence is never split: every rank holds it whole
         layout = self.state.layout(spec.sequence, where)
         if spec.strategy == "parallel":
             self._expect(where, spec.sequence, layout.shard, q, k, v)

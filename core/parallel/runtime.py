@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
-
 from torch import nn
 
 from core.attention import routed
@@ -16,24 +14,7 @@ from .mesh import Mesh
 from .router import UspRouter
 from .shards import SequenceState
 
-__all__ = ["UspHandle", "enable_usp", "resolve_heads"]
-
-
-def resolve_heads(adapter: UspAdapter, config: Mapping | object | None = None) -> int:
-    """The adapter's head count: ``heads`` itself, or the value of that key in ``config``."""
-    if isinstance(adapter.heads, int):
-        return adapter.heads
-    value = None
-    if isinstance(config, Mapping):
-        value = config.get(adapter.heads)
-    elif config is not None:
-        value = getattr(config, adapter.heads, None)
-    if not isinstance(value, int):
-        raise ParallelError(
-            f"USP adapter of {adapter.component!r} reads its head count from config key {adapter.heads!r}, "
-            f"which the config does not hold as an int (got {value!r})"
-        )
-    return value
+__all__ = ["UspHandle", "enable_usp"]
 
 
 class UspHandle:
@@ -94,7 +75,7 @@ def enable_usp(
     Every forward of ``component`` then splits the declared sequences, routes its
     ``core.attention`` calls per ``adapter.sites`` and gathers the sequences back, so its output
     equals the single-process one. ``heads`` overrides ``adapter.heads`` (pass the resolved
-    value when the adapter names a config key; see :func:`resolve_heads`).
+    value when the adapter names a config key; see :func:`core.parallel.component_heads`).
     """
     if heads is None and isinstance(adapter.heads, int):
         heads = adapter.heads

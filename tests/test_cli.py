@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import subprocess_env
+
+
+def ditkit(*args, sites=(), check=True, timeout=300):
+    return subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True,
+                          env=subprocess_env(*sites), timeout=timeout, check=check)
+
+
+def test_plugins_json_lists_distribution_hooks_models_and_load_errors(plugin_site):
+    out = json.loads(ditkit("plugins", "--json", sites=[plugin_site]).stdout)
+    (plugin,) = [p for p in out["plugins"] if p["name"] == "example"]
+    assert plugin["distribution"] == "ditkit-example-plugin" and plugin["version"] == "0.1.0"
+    assert plugin["hooks"] == ["ditkit_register_models"] and plugin["models"] == ["example-dit"]
+    assert out["models"]["example-dit"]["aliases"] == ["example"]
+    assert [e["distribution"] for e in out["load_errors"]] == ["ditkit-broken-plugin"]
+
+
+def test_plugins_text_shows_the_load_error(plugin_site):
+    out = ditkit("plugins", sites=[plugin_site]).stdout
+    assert "example-dit" in out and "FAILED TO LOAD" in out
+
+
+def test_run_writes_a_png_and_leaves_no_temporary_file(example_site, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "fox.png"
+    res = ditkit("run", "example", "--steps", "2", "--height", "48", "--width", "32", "--out", str(out), sites=[example_site])
+    assert "wrote" in res.stdout
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (32, 48)
+    assert [p.name for p in tmp_path.iterdir()] == ["fox.png"]
+
+
+@pytest.mark.parametrize("args", [["--steps", "-1"], ["--height", "50"], ["--prompt", ""]])
+def test_run_rejects_bad_input_with_a_clear_error(example_site, tmp_path, args):
+    res = ditkit("run", "example", "--out", str(tmp_path / "x.png"), *args, sites=[example_site], check=False)
+    assert res.returncode == 2 and "ditkit: error:" in res.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_run_unknown_model_suggests_close_names(example_site):
+    res = ditkit("run", "exmple-dit", sites=[example_site], check=False)
+    assert res.returncode == 2 and "example-dit" in res.stderr

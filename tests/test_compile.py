@@ -1,0 +1,82 @@
+"""compile_pipeline on the example plugin: report, parity with eager, no recompilation."""
+import pytest
+import torch
+
+import core
+from core.errors import CompileError
+
+pytestmark = pytest.mark.slow
+ARGS = dict(steps=3, seed=5, guidance_scale=3.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipes(example_site):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(example_site))
+        mp.setenv("DITKIT_STRICT_PLUGINS", "1")
+        mp.setattr(core.registry, "_registry", None)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        eager = core.load("example-dit")
+        compiled = core.load("example-dit")
+        report = compiled.compile_pipeline()
+        first = compiled("a red fox", **ARGS).images
+        yield eager, compiled, report, first
+
+
+def test_report_lists_regional_blocks_and_the_vae_method(pipes):
+    _, _, report, _ = pipes
+    parts = {(p.component, p.how, p.target): p.instances for p in report.parts}
+    assert parts == {("dit", "regional", "JointBlock"): 2, ("dit", "regional", "SingleBlock"): 2,
+                     ("vae", "method", "TinyDecoder.decode"): 1}
+    assert "JointBlock" in str(report) and "instances" in str(report)
+
+
+def test_one_graph_per_block_class_shared_by_all_instances(pipes):
+    # two block classes + the VAE decode method: three graphs for four block instances
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
+def test_compiled_output_equals_eager(pipes):
+    eager, _, _, first = pipes
+    ref = eager("a red fox", **ARGS).images
+    rel = ((first - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-5, rel  # fp32: inductor reorders reductions, nothing more
+
+
+def test_no_recompilation_across_steps_cfg_and_resolutions(pipes):
+    _, compiled, _, _ = pipes
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for height, width, scale in [(64, 64, 1.0), (32, 48, 3.0), (48, 80, 1.0), (96, 32, 3.0)]:
+            out = compiled("a dog", steps=2, seed=1, height=height, width=width, guidance_scale=scale, progress=False)
+            assert out.images.shape == (1, 3, height, width)
+
+
+def test_unknown_component_lists_the_compilable_ones(pipes):
+    eager, *_ = pipes
+    with pytest.raises(CompileError, match="'dit', 'vae'"):
+        eager.compile_pipeline(compile_models=["text_encoder"])
+
+
+def test_vae_method_compile_is_what_the_pipeline_calls(pipes):
+    _, compiled, _, _ = pipes
+    assert "decode" in compiled.vae.__dict__  # the bound compiled method shadows the class method
+
+
+def test_repeated_blocks_class_attribute_is_honoured_and_a_misnamed_block_fails():
+    from core.compile import compile_components
+
+    class Block(torch.nn.Linear):
+        pass
+
+    class Model(torch.nn.Module):
+        _repeated_blocks = ("Block",)
+
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Block(4, 4) for _ in range(3))
+
+    report = compile_components({"m": Model()}, repeated_blocks={}, methods={}, options={"dynamic": True})
+    assert [(p.how, p.target, p.instances) for p in report.parts] == [("regional", "Block", 3)]
+    with pytest.raises(CompileError, match="Blok"):
+        compile_components({"m": Model()}, repeated_blocks={"m": ["Blok"]}, methods={}, options={})

@@ -1,0 +1,76 @@
+"""The pipeline base on the example plugin: inputs, determinism, progress, outputs."""
+import io
+
+import pytest
+import torch
+
+from core.errors import InputError
+from core.outputs import Output, write_output
+
+FAST = dict(steps=2, progress=False)
+
+
+@pytest.fixture
+def pipe(example):
+    return example.load("example-dit")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(prompt=""), dict(prompt="   "), dict(prompt="x" * 65), dict(prompt="a", steps=0), dict(prompt="a", steps=-2),
+     dict(prompt="a", height=40), dict(prompt="a", width=0), dict(prompt="a", guidance_scale=-1.0),
+     dict(prompt="a", seed="7")],
+)
+def test_bad_inputs_raise_input_error(pipe, kwargs):
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(InputError):
+        pipe(prompt, progress=False, **kwargs)
+
+
+def test_same_seed_same_output_different_seed_different_output(pipe):
+    a = pipe("a fox", seed=1, **FAST).images
+    b = pipe("a fox", seed=1, **FAST).images
+    c = pipe("a fox", seed=2, **FAST).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_output_kind_shape_dtype_range(pipe):
+    out = pipe("a fox", height=48, width=80, **FAST)
+    assert out.kind == "image" and out.images.shape == (1, 3, 48, 80) and out.images.dtype == torch.float32
+    assert 0.0 <= out.images.min() and out.images.max() <= 1.0
+
+
+def test_guidance_changes_the_result_and_scale_one_skips_the_negative_branch(pipe):
+    calls = []
+    original = pipe.dit.forward
+    pipe.dit.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    pipe("a fox", guidance_scale=1.0, **FAST)
+    assert len(calls) == 2  # one model call per step
+    calls.clear()
+    pipe("a fox", guidance_scale=4.0, **FAST)
+    assert len(calls) == 4
+
+
+def test_progress_bar_is_shown_when_asked_and_hidden_otherwise(pipe, capsys):
+    pipe("a fox", steps=2, progress=True)
+    assert "denoising" in capsys.readouterr().err
+    pipe("a fox", steps=2, progress=False)
+    assert "denoising" not in capsys.readouterr().err
+
+
+def test_tiny_weights_are_seeded_and_leave_the_global_rng_alone(example):
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    a = example.load("example-dit")
+    assert torch.equal(torch.rand(1), expected)
+    b = example.load("example-dit")
+    assert torch.equal(a.dit.patch_embed.weight, b.dit.patch_embed.weight)
+
+
+def test_write_output_checks_the_suffix(tmp_path):
+    out = Output(kind="image", images=torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=".png"):
+        write_output(out, tmp_path / "x.jpg")
+    written = write_output(out, tmp_path / "x.png")
+    assert [p.name for p in written] == ["x_0.png", "x_1.png"]

@@ -13,6 +13,7 @@ from .errors import (
     InputError,
     ParallelError,
     PluginError,
+    RankFailed,
     UnknownModelError,
     WeightsError,
 )
@@ -24,6 +25,6 @@ from .registry import get_registry, list_models
 
 __all__ = [
     "load", "list_models", "get_registry", "hookimpl", "Pipeline", "Output", "write_output",
-    "DitkitError", "PluginError", "UnknownModelError", "WeightsError", "InputError", "CompileError", "ParallelError",
+    "DitkitError", "PluginError", "UnknownModelError", "WeightsError", "InputError", "CompileError", "ParallelError", "RankFailed",
 ]
 __version__ = "0.1.0"

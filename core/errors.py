@@ -30,3 +30,11 @@ class CompileError(DitkitError, ValueError):
 
 class ParallelError(DitkitError):
     """The sequence-parallel setup is invalid or a rank failed or diverged."""
+
+
+class RankFailed(ParallelError):
+    """A rank of a multi-process run raised; ``rank``, ``error_type`` and ``remote_traceback`` say how."""
+
+    def __init__(self, message: str, rank: int, error_type: str, remote_traceback: str):
+        super().__init__(message)
+        self.rank, self.error_type, self.remote_traceback = rank, error_type, remote_traceback

@@ -126,11 +126,14 @@ def install_sequence_hooks(
 
         def transform(t, rule=rule, where=where, is_split=is_split):
             t = _check_tensor(t, rule.dim, where)
-            if t.shape[rule.dim] == 1 and (rule.sequence not in state or state.layout(rule.sequence, where).total != 1):
-                return t  # size 1 broadcasts over the tokens (e.g. one timestep for all): every rank keeps it
+            size = t.shape[rule.dim]
             if is_split:
-                layout = state.record(rule.sequence, t.shape[rule.dim], where)
+                if size == 1 and (rule.sequence not in state or state.layout(rule.sequence, where).total != 1):
+                    return t  # size 1 broadcasts over the tokens (one timestep for all): every rank keeps it
+                layout = state.record(rule.sequence, size, where)
                 return shard_tensor(t, rule.dim, layout)
+            if size == 1 and rule.sequence not in state:
+                return t  # a 1-token sequence was never split
             layout = state.layout(rule.sequence, where)
             if t.shape[rule.dim] != layout.shard:
                 raise ParallelError(

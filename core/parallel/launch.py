@@ -20,17 +20,9 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-from core.errors import ParallelError
+from core.errors import ParallelError, RankFailed
 
 __all__ = ["launch", "relaunch_cli", "RankFailed", "free_port"]
-
-
-class RankFailed(ParallelError):
-    """A rank of a :func:`launch` run raised; ``rank``, ``error_type`` and ``remote_traceback`` say how."""
-
-    def __init__(self, message: str, rank: int, error_type: str, remote_traceback: str):
-        super().__init__(message)
-        self.rank, self.error_type, self.remote_traceback = rank, error_type, remote_traceback
 
 
 def free_port() -> int:

@@ -172,7 +172,15 @@ def init_mesh(
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise ParallelError(
+                    f"WORLD_SIZE is {world} but MASTER_PORT is not set; start the ranks with torchrun "
+                    f"or core.parallel.launch"
+                )
+            from .launch import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())  # a lone rank: any free port will do
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=timeout or default_timeout(), **kwargs

@@ -66,6 +66,24 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .testing import KitOptions, Subject, format_table, run_checks
+    from .testing.runner import failed, to_json
+
+    subject = Subject(args.model, plugin=args.plugin)
+    opts = KitOptions(max_examples=args.max_examples, usp_world=args.usp or 2)
+    if not args.json:
+        print(f"checking {subject.spec.name} ({subject.record.distribution}) ...", file=sys.stderr)
+
+    def progress(result) -> None:
+        if not args.json:
+            print(f"  {result.id:<16} {result.status.upper():<6} {result.seconds:6.1f} s", file=sys.stderr)
+
+    results = run_checks(subject, opts, pattern=args.k, on_result=progress)
+    print(to_json(subject, results) if args.json else format_table(subject, results))
+    return 1 if failed(results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Accelerated diffusion-transformer inference, per-model plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output file (PNG for images, MP4 for video, WAV for audio)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
+
+    c = sub.add_parser("check", help="run the conformance kit on a registered model")
+    c.add_argument("model", help="model name or alias")
+    c.add_argument("--usp", type=int, default=2, metavar="N", help="ranks for the USP parity check (default 2)")
+    c.add_argument("--json", action="store_true", help="machine-readable results")
+    c.add_argument("-k", default=None, metavar="PATTERN", help="only checks whose id contains PATTERN (or matches a glob)")
+    c.add_argument("--max-examples", type=int, default=2, help="Hypothesis examples per shape property (default 2)")
+    c.add_argument("--plugin", default=None, help="register this plugin module first (module or module:attr)")
+    c.set_defaults(func=_cmd_check)
     return parser
 
 

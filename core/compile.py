@@ -65,12 +65,14 @@ def _compiled_function(cache: dict, cls: type, method: str, options: dict):
     if key not in cache:
         compiled = torch.compile(getattr(cls, method), **options)
         if options.get("dynamic"):
-            # Duck sizing ties dims of equal value (64 image tokens and a hidden size of 64, or 512
-            # text tokens and 512 image tokens) into one symbol, or specialises them to a static
-            # size; the next resolution then recompiles. Off only while our regions compile.
+            # Only while our regions compile:
+            # - duck sizing ties dims of equal value (64 image tokens and a hidden size of 64) into
+            #   one symbol or a static size, so the next resolution recompiles;
+            # - size-oblivious reasoning keeps shape-dependent kernel choices (on CPU, convolution
+            #   picks oneDNN or native code by input size) from guarding on the resolution.
             from torch.fx.experimental import _config as fx_config
 
-            compiled = fx_config.patch(use_duck_shape=False)(compiled)
+            compiled = fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)(compiled)
         cache[key] = compiled
     return cache[key]
 

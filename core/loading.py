@@ -11,7 +11,7 @@ from .pipeline import Pipeline
 from .registry import get_registry
 from .weights import check_layout, check_required_paths, component_module, load_component, no_init_weights
 
-__all__ = ["load", "resolve_dtype", "default_device"]
+__all__ = ["load", "load_spec", "resolve_dtype", "default_device"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -54,8 +54,12 @@ def load(
     parallel across the ranks of the current ``torchrun`` job (options ``ulysses_degree``,
     ``ring_degree``, ``cfg_parallel``). Other ``options`` go to the plugin's pipeline factory.
     """
-    record = get_registry().model(name)
-    spec = record.spec
+    spec = get_registry().model(name).spec
+    return load_spec(spec, preset, weights, device, dtype, use_usp=use_usp, **options)
+
+
+def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_usp: bool = False, **options) -> Pipeline:
+    """:func:`load` for a :class:`core.spec.ModelSpec` in hand (the conformance kit, tests)."""
     preset_name = preset or spec.default_preset
     if preset_name not in spec.presets:
         raise InputError(f"model {spec.name!r} has no preset {preset_name!r}; presets: {', '.join(sorted(spec.presets))}")
@@ -80,7 +84,7 @@ def load(
     if use_usp:
         from .parallel import attach_usp
 
-        attach_usp(pipe, **usp_options)
+        attach_usp(pipe, config=dict(chosen.config), **usp_options)
     return pipe
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "AttentionSite",
     "UspAdapter",
     "AttentionKernelSpec",
+    "SizeRange",
+    "Conformance",
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -97,7 +99,9 @@ class SequenceSplit(_Record):
     ``at="input"`` splits the argument ``arg`` (a keyword name or a positional index) before the
     submodule runs, ``at="output"`` splits its output (``arg`` indexes a tuple output, ``None``
     the whole output). All splits of one ``sequence`` share the same token ranges, so rotary tables
-    and per-token modulation follow their tokens.
+    and per-token modulation follow their tokens. A tensor whose ``dim`` has size 1 is left whole
+    (one timestep broadcast over all tokens), and a ``None`` or absent optional input is skipped,
+    so one adapter serves a model's variants.
     """
 
     sequence: str = "tokens"
@@ -126,7 +130,11 @@ class AttentionSite(_Record):
     - ``gather_kv``: queries are split; keys/values are the split ``kv_sequence`` of another
       stream, gathered whole before a local attention.
     - ``joint``: ``[text, image]`` concatenated; the image part is the split ``sequence``; the
-      text part is replicated on every rank (``joint_text="replicate"``).
+      text part is replicated on every rank (``joint_text="replicate"``); the call passes
+      ``text_len=`` (text first).
+
+    Site names are per component; towers that share block code but split different sequences
+    pass distinct names (``site="audio.self"``).
     """
 
     strategy: Literal["parallel", "local", "gather_kv", "joint"]
@@ -170,6 +178,47 @@ class UspAdapter(_Record):
 
 
 # ---------------------------------------------------------------------------------------------
+# How the conformance kit exercises a model (core.testing, `ditkit check`).
+
+
+class SizeRange(_Record):
+    """Valid values ``offset + multiple·k`` within ``[min, max]`` (e.g. frames: multiple 4, offset 1)."""
+
+    min: int
+    max: int
+    multiple: int = 16
+    offset: int = 0
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "SizeRange":
+        if not self.values():
+            raise ValueError(f"size range {self!r} holds no valid value")
+        return self
+
+    def values(self) -> list[int]:
+        return [v for v in range(self.min, self.max + 1) if (v - self.offset) % self.multiple == 0 and v > 0]
+
+
+class Conformance(_Record):
+    """What the conformance kit needs to know to exercise the ``tiny`` preset quickly."""
+
+    call: dict[str, Any] = Field(default_factory=lambda: {"steps": 2})
+    """Generation arguments for fast checks (added to the prompt and seed)."""
+    sizes: dict[str, SizeRange] = Field(
+        default_factory=lambda: {"height": SizeRange(min=32, max=80), "width": SizeRange(min=32, max=80)}
+    )
+    """Sizes the kit may draw (Hypothesis) for the compile and USP checks."""
+    compile_rtol: float = 1e-5
+    usp_rtol: float = 1e-5
+    uneven_call: dict[str, Any] | None = None
+    """Generation arguments at which a split sequence's length is odd (the USP check runs them too)."""
+    bad_inputs: list[dict[str, Any]] = Field(default_factory=list)
+    """Extra generation arguments that must raise ``core.InputError`` (e.g. ``{"num_frames": 6}``)."""
+    expected_failures: dict[str, str] = Field(default_factory=dict)
+    """Check id -> reason: a known failure, reported as xfail."""
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 class ModelSpec(_Record):
@@ -194,6 +243,11 @@ class ModelSpec(_Record):
     """Component name -> the methods the pipeline calls on it (default ``["forward"]``)."""
     usp: list[UspAdapter] = Field(default_factory=list)
     capabilities: Capabilities = Field(default_factory=Capabilities)
+    conformance: Conformance = Field(default_factory=Conformance)
+    checkpoint_writer: Callable[..., Any] | None = None
+    """``writer(pipe, root)`` writes ``pipe``'s weights (and tokenizer files) in the official layout
+    under ``root``. Without it the core writes each :class:`WeightFile` from the component's
+    ``state_dict()`` (possible when no ``key_map`` is declared)."""
 
     @field_validator("name")
     @classmethod

@@ -8,7 +8,6 @@ memory-mapped read (``.pth``) before the component's memory is filled.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import importlib
 import json
 from dataclasses import dataclass
@@ -21,7 +20,10 @@ from torch import nn
 from .errors import WeightsError
 from .spec import WeightFile, WeightsLayout
 
-__all__ = ["Checkpoint", "open_checkpoint", "check_layout", "load_component", "load_pipeline_weights", "no_init_weights"]
+__all__ = [
+    "Checkpoint", "open_checkpoint", "check_layout", "load_component", "load_pipeline_weights", "no_init_weights",
+    "write_checkpoint",
+]
 
 
 @dataclass
@@ -229,5 +231,37 @@ def no_init_weights() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
-def matching(root: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in root.iterdir() if fnmatch.fnmatch(p.name, pattern))
+def write_checkpoint(pipe, root: Path, layout: WeightsLayout) -> None:
+    """Write ``pipe``'s components in ``layout`` under ``root`` (tests and the conformance kit).
+
+    Files shared by several components (``prefix``) are written once with all their keys. A
+    ``key_map`` cannot be inverted generically: such a model declares a ``checkpoint_writer``.
+    """
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for wf in layout.files:
+        if wf.key_map is not None:
+            raise NotImplementedError(
+                f"{wf.path} declares a key_map; the model must declare a checkpoint_writer to write it"
+            )
+        state = component_module(pipe, wf.component).state_dict()
+        tensors = grouped.setdefault((wf.path, wf.format), {})
+        tensors.update({wf.prefix + k: v.detach().contiguous().cpu() for k, v in state.items()})
+    for (rel, fmt), tensors in grouped.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "torch":
+            torch.save(tensors, path)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(_untied(tensors), str(path))
+
+
+def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out

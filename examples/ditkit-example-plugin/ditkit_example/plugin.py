@@ -1,6 +1,17 @@
 """The plugin module named by the ``ditkit.plugins`` entry point: it only declares."""
 from core import hookimpl
-from core.spec import Capabilities, ModelSpec, Preset, WeightFile, WeightsLayout
+from core.spec import (
+    AttentionSite,
+    Capabilities,
+    Conformance,
+    ModelSpec,
+    Preset,
+    SequenceGather,
+    SequenceSplit,
+    UspAdapter,
+    WeightFile,
+    WeightsLayout,
+)
 
 from .pipeline import ExamplePipeline
 
@@ -31,6 +42,19 @@ def ditkit_register_models():
             compilable_models=["dit", "vae"],
             repeated_blocks={"dit": ["JointBlock", "SingleBlock"]},
             compiled_methods={"vae": ["decode"]},
-            capabilities=Capabilities(output="image", size_multiple=16, max_prompt_tokens=64),
+            # USP: image tokens split after patch embedding, the rotary table by the same ranges,
+            # text context whole (cross-attention stays local), gathered before unpatchify.
+            usp=[
+                UspAdapter(
+                    component="dit",
+                    heads="heads",
+                    splits=[SequenceSplit(module="patch_embed", at="output", dim=1),
+                            SequenceSplit(module="rope", at="output", dim=0)],
+                    gathers=[SequenceGather(module="final", at="output", dim=1)],
+                    sites={"self": AttentionSite(strategy="parallel"), "cross": AttentionSite(strategy="local")},
+                )
+            ],
+            capabilities=Capabilities(output="image", size_multiple=16, max_prompt_tokens=64, usp=True),
+            conformance=Conformance(uneven_call={"height": 48, "width": 112}),  # 3×7 = 21 image tokens
         )
     ]

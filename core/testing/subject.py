@@ -1,0 +1,59 @@
+"""The model under test: its record, and cached pipelines built from it."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..registry import ModelRecord, Registry, get_registry
+from ..spec import ModelSpec
+
+
+@dataclass
+class Subject:
+    """A registered model as the conformance kit sees it.
+
+    ``plugin`` (``"module"`` or ``"module:attr"``) registers a plugin that is not installed through
+    an entry point (a plugin under development, or the kit's own deliberately wrong plugins); worker
+    processes of the USP check import it the same way.
+    """
+
+    name: str
+    plugin: str | None = None
+    record: ModelRecord = field(init=False)
+    _pipes: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.plugin:
+            registry = Registry(strict=True)
+            registry.add_plugin(import_plugin(self.plugin), name=self.plugin, distribution="<local>")
+            self.record = registry.model(self.name)
+        else:
+            self.record = get_registry().model(self.name)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.record.spec
+
+    def build(self, **options):
+        from ..loading import load_spec
+
+        options.setdefault("device", "cpu")
+        options.setdefault("dtype", torch.float32)
+        return load_spec(self.spec, "tiny", **options)
+
+    def pipe(self, key: str = "eager"):
+        """A cached tiny pipeline (one per key, so compiled and eager copies stay apart)."""
+        if key not in self._pipes:
+            self._pipes[key] = self.build()
+        return self._pipes[key]
+
+    def call_args(self, **overrides) -> dict:
+        return {"seed": 0, "progress": False, **self.spec.conformance.call, **overrides}
+
+
+def import_plugin(ref: str):
+    module, _, attr = ref.partition(":")
+    obj = importlib.import_module(module)
+    return getattr(obj, attr) if attr else obj

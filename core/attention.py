@@ -128,7 +128,14 @@ def attention(
             f"k{tuple(k.shape)} v{tuple(v.shape)}"
         )
     if _router is not None:
-        out = _router(q, k, v, site=site, mask=mask, scale=scale, **site_args)
+        out = _routed_call(_router, q, k, v, site, mask, scale, site_args)
         if out is not None:
             return out
     return local_attention(q, k, v, mask=mask, scale=scale)
+
+
+@torch.compiler.disable
+def _routed_call(router, q, k, v, site, mask, scale, site_args):
+    # Collectives (all-to-all, ring send/recv) and yunchang's merge run eagerly: inside a compiled
+    # block this is a graph break, and the rest of the block stays compiled.
+    return router(q, k, v, site=site, mask=mask, scale=scale, **site_args)

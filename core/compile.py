@@ -65,16 +65,26 @@ def _compiled_function(cache: dict, cls: type, method: str, options: dict):
     if key not in cache:
         compiled = torch.compile(getattr(cls, method), **options)
         if options.get("dynamic"):
-            # Only while our regions compile:
-            # - duck sizing ties dims of equal value (64 image tokens and a hidden size of 64) into
-            #   one symbol or a static size, so the next resolution recompiles;
-            # - size-oblivious reasoning keeps shape-dependent kernel choices (on CPU, convolution
-            #   picks oneDNN or native code by input size) from guarding on the resolution.
-            from torch.fx.experimental import _config as fx_config
-
-            compiled = fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)(compiled)
+            compiled = _dynamic_shape_config(method)(compiled)
         cache[key] = compiled
     return cache[key]
+
+
+def _dynamic_shape_config(method: str):
+    """Symbolic-shape settings applied only while our regions compile.
+
+    Duck sizing is off everywhere: it ties dims of equal value (64 image tokens and a hidden size
+    of 64) into one symbol or a static size, so the next resolution recompiles. For methods other
+    than ``forward`` (a VAE's ``decode``/``encode``: convolutions over the resolution) reasoning is
+    also size-oblivious, because on CPU the convolution backend (oneDNN or native) is chosen by
+    input size and would guard on the resolution. Blocks keep normal reasoning: size-oblivious
+    shapes cannot broadcast a size-1 input dim (a timestep shared by all tokens).
+    """
+    from torch.fx.experimental import _config as fx_config
+
+    if method == "forward":
+        return fx_config.patch(use_duck_shape=False)
+    return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
 
 
 def _bind(module: nn.Module, method: str, compiled) -> None:

@@ -1,0 +1,50 @@
+"""USP through core.load(use_usp=True) on the example plugin: 2 and 4 gloo ranks."""
+import subprocess
+import sys
+
+import pytest
+
+from core.errors import RankFailed
+from core.parallel import launch
+
+from . import usp_workers
+from .conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+TOL = 1e-5  # fp32; observed ≈1e-7 (reduction order of the ring merge and all-to-all)
+
+
+def test_four_ranks_ulysses_ring_and_cfg_parallel_equal_one_process(example_site):
+    results = launch(usp_workers.four_ranks, 4, args=(str(example_site),), timeout=240)
+    assert len(results) == 8 and max(results.values()) <= TOL, results
+
+
+def test_compile_with_usp_equals_eager_usp_without_recompiling_and_divergence_is_caught(example_site):
+    results = launch(usp_workers.compile_and_diverge, 2, args=(str(example_site),), timeout=400)
+    assert results["compile+usp vs eager+usp"] <= TOL, results
+    assert results["recompiled"] == "no", results["recompiled"]
+    assert "ranks diverged" in results["divergence"], results["divergence"]
+
+
+def test_a_failing_rank_ends_the_run_with_its_error(example_site):
+    with pytest.raises(RankFailed) as info:
+        launch(usp_workers.failing_rank, 2, args=(str(example_site),), timeout=120)
+    assert info.value.rank == 1 and "rank 1 fell over" in str(info.value)
+
+
+def test_ditkit_run_nproc_writes_one_file_from_rank_zero(example_site, tmp_path):
+    out = tmp_path / "usp.png"
+    res = subprocess.run([sys.executable, "-m", "core.cli", "run", "example", "--nproc", "2", "--steps", "2",
+                          "--height", "48", "--width", "112", "--out", str(out)],
+                         capture_output=True, text=True, env=subprocess_env(example_site), timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("wrote") == 1 and out.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["usp.png"]
+
+
+def test_head_count_the_ulysses_degree_does_not_divide_is_an_error_before_any_work():
+    from core.errors import ParallelError
+    from core.parallel import plan_degrees
+
+    with pytest.raises(ParallelError, match=r"valid"):
+        plan_degrees(4, 6, 4, 1, False)

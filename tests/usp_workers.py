@@ -1,0 +1,81 @@
+"""Rank functions for the pipeline-level USP tests (module level, so spawned ranks import them)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+PROMPT = "a lighthouse on a cliff at dusk"
+UNEVEN = dict(height=48, width=112)  # 3×7 = 21 image tokens: divides by neither 2 nor 4
+EVEN = dict(height=64, width=64)  # 4×4... 8×8 = 64 tokens
+
+
+def _subject(site: str):
+    sys.path.insert(0, site)
+    from core.testing import Subject
+
+    return Subject("example-dit", plugin="ditkit_example.plugin")
+
+
+def _error(pipe, ref, **call) -> float:
+    from core.testing.checks import rel_error
+
+    args = {"seed": 3, "steps": 2, "progress": False, "guidance_scale": 3.0, **call}
+    return rel_error(pipe(PROMPT, **args).tensor(), ref(PROMPT, **args).tensor())
+
+
+def four_ranks(site: str) -> dict:
+    """Ulysses 4, Ulysses 2 × ring 2, and cfg-parallel (CFG branches on two rank halves)."""
+    subject = _subject(site)
+    ref = subject.build()
+    results = {}
+    for u, r, cfg in [(4, 1, False), (2, 2, False), (2, 1, True), (1, 2, True)]:
+        pipe = subject.build(use_usp=True, ulysses_degree=u, ring_degree=r, cfg_parallel=cfg)
+        for name, call in (("uneven", UNEVEN), ("even", EVEN)):
+            results[f"u{u} r{r} cfg={cfg} {name}"] = _error(pipe, ref, **call)
+        pipe.parallel.remove()
+    return results
+
+
+def compile_and_diverge(site: str) -> dict:
+    """compile + USP equals eager + USP with no recompilation; ranks with different seeds fail."""
+    import torch.distributed as dist
+
+    from core.errors import ParallelError
+
+    subject = _subject(site)
+    results = {}
+    eager = subject.build(use_usp=True, ulysses_degree=1, ring_degree=2)
+    compiled = subject.build(use_usp=True, ulysses_degree=1, ring_degree=2)
+    compiled.compile_pipeline()
+    results["compile+usp vs eager+usp"] = _error(compiled, eager, **UNEVEN)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for scale, call in [(1.0, UNEVEN), (3.0, EVEN), (1.0, dict(height=32, width=80))]:
+                compiled(PROMPT, seed=4, steps=3, progress=False, guidance_scale=scale, **call)
+        results["recompiled"] = "no"
+    except RuntimeError as exc:
+        results["recompiled"] = str(exc)[-400:]
+    try:
+        eager(PROMPT, seed=dist.get_rank(), steps=1, progress=False)
+        results["divergence"] = "not detected"
+    except ParallelError as exc:
+        results["divergence"] = str(exc)
+    return results
+
+
+def failing_rank(site: str) -> None:
+    """Rank 1 raises in the middle of generation: every rank must stop, none hang."""
+    import torch.distributed as dist
+
+    subject = _subject(site)
+    pipe = subject.build(use_usp=True)
+    if dist.get_rank() == 1:
+        original = pipe.dit.forward
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("rank 1 fell over")
+
+        pipe.dit.forward = broken
+        del original
+    pipe(PROMPT, seed=0, steps=2, progress=False)

@@ -35,6 +35,7 @@ def test_run_writes_a_png_and_leaves_no_temporary_file(example_site, tmp_path):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (32, 48)
     assert [p.name for p in tmp_path.iterdir()] == ["fox.png"]
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
 @pytest.mark.parametrize("args", [["--steps", "-1"], ["--height", "50"], ["--prompt", ""]])
@@ -47,3 +48,11 @@ def test_run_rejects_bad_input_with_a_clear_error(example_site, tmp_path, args):
 def test_run_unknown_model_suggests_close_names(example_site):
     res = ditkit("run", "exmple-dit", sites=[example_site], check=False)
     assert res.returncode == 2 and "example-dit" in res.stderr
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

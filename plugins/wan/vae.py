@@ -235,8 +235,24 @@ def _head(head: nn.Sequential, x: torch.Tensor, cache: list) -> torch.Tensor:
 # Wan2.1 encoder / decoder
 
 
-class Encoder3d(nn.Module):
+class CausalStack(nn.Module):
+    """``conv1``, then every layer of the stages named in ``stages`` in order, then ``head``; each
+    layer takes the causal feature cache (the encoders and decoders of both VAE versions)."""
+
+    stages: tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for stage in self.stages:
+            for layer in getattr(self, stage):
+                x = layer(x, cache, first)
+        return _head(self.head, x, cache)
+
+
+class Encoder3d(CausalStack):
     """``conv1`` → ``downsamples`` (flat: res blocks and resamplers) → ``middle`` → ``head``."""
+
+    stages = ("downsamples", "middle")
 
     def __init__(self, dim: int = 96, z_dim: int = 32, dim_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, temporal_downsample: Sequence[bool] = (False, True, True),
@@ -257,17 +273,12 @@ class Encoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
                                   CausalConv3d(out_dim, z_dim, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for layer in self.downsamples:
-            x = layer(x, cache, first)
-        for layer in self.middle:
-            x = layer(x, cache, first)
-        return _head(self.head, x, cache)
 
 
-class Decoder3d(nn.Module):
+class Decoder3d(CausalStack):
     """``conv1`` → ``middle`` → ``upsamples`` (flat) → ``head``; up convs halve the width."""
+
+    stages = ("middle", "upsamples")
 
     def __init__(self, dim: int = 96, z_dim: int = 16, dim_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, temporal_upsample: Sequence[bool] = (True, True, False),
@@ -290,13 +301,6 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
                                   CausalConv3d(out_dim, out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for layer in self.middle:
-            x = layer(x, cache, first)
-        for layer in self.upsamples:
-            x = layer(x, cache, first)
-        return _head(self.head, x, cache)
 
 
 # --------------------------------------------------------------------------------------------

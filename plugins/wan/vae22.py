@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae import (AttentionBlock, CausalConv3d, RMS_norm, Resample, ResidualBlock, WanVAE,
-                  _head, assign_cache_slots)
+from .vae import (AttentionBlock, CausalConv3d, CausalStack, RMS_norm, Resample, ResidualBlock, WanVAE,
+                  assign_cache_slots)
 
 __all__ = [
     "WAN22_LATENTS_MEAN",
@@ -173,8 +173,10 @@ class UpResidualBlock(nn.Module):
         return y
 
 
-class Encoder3d22(nn.Module):
+class Encoder3d22(CausalStack):
     """``conv1`` (12 → dim) → 4 :class:`DownResidualBlock` → ``middle`` → ``head``."""
+
+    stages = ("downsamples", "middle")
 
     def __init__(self, dim: int = 160, z_dim: int = 96, dim_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, temporal_downsample: Sequence[bool] = (False, True, True),
@@ -193,17 +195,12 @@ class Encoder3d22(nn.Module):
         self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
                                   CausalConv3d(out_dim, z_dim, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for layer in self.downsamples:
-            x = layer(x, cache, first)
-        for layer in self.middle:
-            x = layer(x, cache, first)
-        return _head(self.head, x, cache)
 
 
-class Decoder3d22(nn.Module):
+class Decoder3d22(CausalStack):
     """``conv1`` (z → 4·dim) → ``middle`` → 4 :class:`UpResidualBlock` → ``head`` (→ 12)."""
+
+    stages = ("middle", "upsamples")
 
     def __init__(self, dim: int = 256, z_dim: int = 48, dim_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, temporal_upsample: Sequence[bool] = (True, True, False),
@@ -222,13 +219,6 @@ class Decoder3d22(nn.Module):
         self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
                                   CausalConv3d(out_dim, 12, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for layer in self.middle:
-            x = layer(x, cache, first)
-        for layer in self.upsamples:
-            x = layer(x, cache, first)
-        return _head(self.head, x, cache)
 
 
 class Wan22VAE(WanVAE):

@@ -79,3 +79,23 @@ def failing_rank(site: str) -> None:
         pipe.dit.forward = broken
         del original
     pipe(PROMPT, seed=0, steps=2, progress=False)
+
+
+def wan_four_ranks() -> dict:
+    """Wan tiny (2 heads) on 4 ranks: Ulysses 2 × ring 2 and ring 4; T2V and TI2V (per-token
+    timesteps split with the tokens, image latent in frame 0); 2·3·5 = 30 tokens, uneven over 4."""
+    from core.testing import Subject
+    from core.testing.checks import rel_error
+
+    results = {}
+    for name in ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"):
+        subject = Subject(name)
+        ref = subject.build()
+        size = dict(height=48, width=80) if name.startswith("wan2.1") else dict(height=96, width=160)
+        extra = {"image": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))} if "ti2v" in name else {}
+        for u, r in [(2, 2), (1, 4)]:
+            pipe = subject.build(use_usp=True, ulysses_degree=u, ring_degree=r)
+            args = subject.call_args(seed=5, guidance_scale=3.0, num_frames=5, **size, **extra)
+            results[f"{name} u{u} r{r}"] = rel_error(pipe(PROMPT, **args).tensor(), ref(PROMPT, **args).tensor())
+            pipe.parallel.remove()
+    return results

@@ -55,7 +55,10 @@ def _cmd_run(args) -> int:
         if is_main:
             print(report)
     gen = {k: v for k, v in (("steps", args.steps), ("height", args.height), ("width", args.width),
-                             ("guidance_scale", args.guidance_scale), ("negative_prompt", args.negative_prompt)) if v is not None}
+                             ("guidance_scale", args.guidance_scale), ("negative_prompt", args.negative_prompt),
+                             ("num_frames", args.num_frames)) if v is not None}
+    if args.image is not None:
+        gen["image"] = _read_image(args.image)
     start = time.perf_counter()
     output = pipe(args.prompt, seed=args.seed, progress=False if args.no_progress else None, **gen)
     elapsed = time.perf_counter() - start
@@ -84,6 +87,16 @@ def _cmd_check(args) -> int:
     return 1 if failed(results) else 0
 
 
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"cannot read --image {path!r}: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Accelerated diffusion-transformer inference, per-model plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=int, default=None)
     r.add_argument("--width", type=int, default=None)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate")
+    r.add_argument("--image", default=None, help="image-conditioned models: the input image file")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     r.add_argument("--compile", action="store_true", help="compile_pipeline() first and print its report")

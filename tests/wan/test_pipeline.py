@@ -246,6 +246,23 @@ def test_cli_run_writes_an_mp4(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_image_to_video_reads_the_image_and_frame_count(tmp_path, capsys):
+    from PIL import Image
+
+    from core.cli import main
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "in.png")
+    target = tmp_path / "i2v.mp4"
+    assert main(["run", "wan2.2-i2v-a14b", "--image", str(tmp_path / "in.png"), "--num-frames", "9", "--height", "32",
+                 "--width", "48", "--steps", "2", "--out", str(target), "--no-progress", "--device", "cpu"]) == 0
+    with av.open(str(target)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (48, 32)
+        assert sum(1 for _ in container.decode(video=0)) == 9
+    assert main(["run", "wan2.2-i2v-a14b", "--image", str(tmp_path / "missing.png"), "--out", str(target)]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
 def measure_vae_compile() -> None:
     """``python tests/wan/test_pipeline.py vae-compile``: why the VAE is not declared compilable
     (plugins/wan/README.md). Not a test: minutes on a CPU."""

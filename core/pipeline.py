@@ -98,8 +98,10 @@ class Pipeline:
     # -- generation ----------------------------------------------------------------------------
     def resolve(self, **kwargs) -> dict[str, Any]:
         """Fill unset (``None``) arguments from the preset's defaults, then the class defaults."""
-        merged = {**self.defaults, **self.preset_defaults}
-        return {k: (merged.get(k) if v is None else v) for k, v in {**{k: None for k in merged}, **kwargs}.items()}
+        args = {**self.defaults, **self.preset_defaults}
+        args.update({k: v for k, v in kwargs.items() if v is not None})
+        args.update({k: None for k, v in kwargs.items() if v is None and k not in args})
+        return args
 
     def check_inputs(self, args: dict[str, Any]) -> None:
         """Raise :class:`InputError` for arguments that break the model's rules."""

@@ -21,7 +21,7 @@ from .errors import WeightsError
 from .spec import WeightFile, WeightsLayout
 
 __all__ = [
-    "Checkpoint", "open_checkpoint", "check_layout", "load_component", "load_pipeline_weights", "no_init_weights",
+    "Checkpoint", "open_checkpoint", "check_layout", "load_component", "no_init_weights",
     "write_checkpoint",
 ]
 
@@ -195,17 +195,10 @@ def check_required_paths(root: Path, layout: WeightsLayout) -> None:
     if not root.is_dir():
         raise WeightsError(f"weights directory {root} does not exist or is not a directory")
     for rel in layout.required_paths:
-        if not any(root.glob(rel)) if any(c in rel for c in "*?[") else not (root / rel).exists():
+        is_pattern = any(c in rel for c in "*?[")
+        present = any(root.glob(rel)) if is_pattern else (root / rel).exists()
+        if not present:
             raise WeightsError(f"missing {root / rel} (required by the checkpoint layout: {layout.description or 'see the plugin'})")
-
-
-def load_pipeline_weights(pipe, root: Path, layout: WeightsLayout) -> list[str]:
-    """Load every declared file into the pipeline's components; returns the files loaded."""
-    loaded = []
-    for wf in layout.files:
-        if load_component(root, wf, component_module(pipe, wf.component)):
-            loaded.append(wf.path)
-    return loaded
 
 
 _INIT_FUNCS = (

@@ -165,3 +165,18 @@ def test_nothing_loads_at_import_time(example_site):
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(example_site), timeout=120)
+
+
+def test_every_hook_is_documented_and_tested():
+    import inspect
+    from pathlib import Path
+
+    from core import hookspecs
+
+    hooks = [name for name, fn in vars(hookspecs).items() if name.startswith("ditkit_") and inspect.isfunction(fn)]
+    assert hooks, "no hooks found"
+    tests_text = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    for name in hooks:
+        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+        assert "Returns:" in doc and "Example::" in doc, f"hook {name} needs Returns: and Example:: in its docstring"
+        assert f"def {name}(" in tests_text, f"hook {name} has no test implementing it"

@@ -32,6 +32,8 @@ class Pipeline:
 
     compilable_models: tuple[str, ...] = ()
     defaults: dict[str, Any] = {"steps": 20, "guidance_scale": 1.0, "height": 64, "width": 64}
+    size_multiple: int = 16
+    """``height``/``width`` must be multiples of this (the spec's ``capabilities.size_multiple`` wins)."""
 
     def __init__(self, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
@@ -104,7 +106,14 @@ class Pipeline:
         return args
 
     def check_inputs(self, args: dict[str, Any]) -> None:
-        """Raise :class:`InputError` for arguments that break the model's rules."""
+        """Raise :class:`InputError` for arguments that break the model's rules.
+
+        Known arguments are ``prompt``, ``negative_prompt``, ``seed`` and every key of the class and
+        preset defaults; anything else is refused by name."""
+        known = {"prompt", "negative_prompt", "seed", *self.defaults, *self.preset_defaults}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise InputError(f"unknown argument(s) {unknown} for {type(self).__name__}; known: {sorted(known)}")
         prompt = args.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
@@ -120,7 +129,7 @@ class Pipeline:
         seed = args.get("seed")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise InputError(f"seed must be an integer, got {seed!r}")
-        multiple = self.spec.capabilities.size_multiple if self.spec is not None else 16
+        multiple = self.spec.capabilities.size_multiple if self.spec is not None else self.size_multiple
         for key in ("height", "width"):
             value = args.get(key)
             if value is None:

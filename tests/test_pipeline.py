@@ -19,7 +19,7 @@ def pipe(example):
     "kwargs",
     [dict(prompt=""), dict(prompt="   "), dict(prompt="x" * 65), dict(prompt="a", steps=0), dict(prompt="a", steps=-2),
      dict(prompt="a", height=40), dict(prompt="a", width=0), dict(prompt="a", guidance_scale=-1.0),
-     dict(prompt="a", seed="7")],
+     dict(prompt="a", seed="7"), dict(prompt="a", num_frames=5)],
 )
 def test_bad_inputs_raise_input_error(pipe, kwargs):
     prompt = kwargs.pop("prompt")

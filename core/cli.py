@@ -54,7 +54,7 @@ def _cmd_run(args) -> int:
         report = pipe.compile_pipeline()
         if is_main:
             print(report)
-    gen = {k: v for k, v in (("steps", args.steps), ("height", args.height), ("width", args.width),
+    gen = {k: v for k, v in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
                              ("guidance_scale", args.guidance_scale), ("negative_prompt", args.negative_prompt),
                              ("num_frames", args.num_frames)) if v is not None}
     if args.image is not None:

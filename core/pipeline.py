@@ -7,6 +7,7 @@ Subclasses implement :meth:`generate`.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -31,7 +32,7 @@ class Pipeline:
     """
 
     compilable_models: tuple[str, ...] = ()
-    defaults: dict[str, Any] = {"steps": 20, "guidance_scale": 1.0, "height": 64, "width": 64}
+    defaults: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 1.0, "height": 64, "width": 64}
     size_multiple: int = 16
     """``height``/``width`` must be multiples of this (the spec's ``capabilities.size_multiple`` wins)."""
 
@@ -48,10 +49,14 @@ class Pipeline:
         return {k: v for k, v in vars(self).items() if isinstance(v, nn.Module)}
 
     def to(self, device=None, dtype=None) -> "Pipeline":
+        """Move every component to ``device`` and, when given, cast its floating-point weights to
+        ``dtype`` (the pipeline's compute dtype follows)."""
         for module in self.components().values():
-            module.to(device=device)
+            module.to(device=device, dtype=dtype)
         if device is not None:
             self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
         return self
 
     def _compilable(self) -> list[str]:
@@ -110,25 +115,35 @@ class Pipeline:
 
         Known arguments are ``prompt``, ``negative_prompt``, ``seed`` and every key of the class and
         preset defaults; anything else is refused by name."""
-        known = {"prompt", "negative_prompt", "seed", *self.defaults, *self.preset_defaults}
+        known = {"prompt", "negative_prompt", "seed", "generator", *self.defaults, *self.preset_defaults}
         unknown = sorted(set(args) - known)
         if unknown:
-            raise InputError(f"unknown argument(s) {unknown} for {type(self).__name__}; known: {sorted(known)}")
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5) or [
+                    k for k in sorted(known) if name in k.split("_")]
+                if close:
+                    hints.append(f"{name!r} -> did you mean {close[0]!r}?")
+            hint = f" ({'; '.join(hints)})" if hints else ""
+            raise InputError(f"unknown argument(s) {unknown} for {type(self).__name__}{hint}; known: {sorted(known)}")
         prompt = args.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
         neg = args.get("negative_prompt")
         if neg is not None and not isinstance(neg, str):
             raise InputError(f"negative_prompt must be a string, got {type(neg).__name__}")
-        steps = args.get("steps")
+        steps = args.get("num_inference_steps")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise InputError(f"steps must be a positive integer, got {steps!r}")
+            raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}")
         scale = args.get("guidance_scale")
         if not isinstance(scale, (int, float)) or scale < 0:
             raise InputError(f"guidance_scale must be a number >= 0, got {scale!r}")
         seed = args.get("seed")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise InputError(f"seed must be an integer, got {seed!r}")
+        generator = args.get("generator")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         multiple = self.spec.capabilities.size_multiple if self.spec is not None else self.size_multiple
         for key in ("height", "width"):
             value = args.get(key)
@@ -142,20 +157,25 @@ class Pipeline:
         prompt: str,
         *,
         negative_prompt: str | None = None,
-        steps: int | None = None,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int = 0,
+        generator: torch.Generator | None = None,
         height: int | None = None,
         width: int | None = None,
         progress: bool | None = None,
         **extra,
     ) -> Output:
-        """Generate. Unset arguments take the preset's defaults; ``progress=None`` shows a progress
-        bar only on a terminal. Returns an :class:`core.outputs.Output`."""
+        """Generate. The argument names are diffusers' (``num_inference_steps``, ``guidance_scale``,
+        ``negative_prompt``, ``generator``, ``height``, ``width``, ``num_frames``); ``seed`` is the
+        DiffSynth-Studio way to seed, and a ``generator`` (a CPU ``torch.Generator``) takes its place
+        when given. Unset arguments take the preset's defaults; ``progress=None`` shows a progress bar
+        only on a terminal. Returns an :class:`core.outputs.Output`."""
         args = self.resolve(
-            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-            seed=seed, height=height, width=width, **extra,
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, height=height, width=width, **extra,
         )
+        args["generator"] = generator
         self.check_inputs(args)
         with torch.inference_mode():
             return self.generate(progress=progress, **args)
@@ -164,9 +184,10 @@ class Pipeline:
         raise NotImplementedError(f"{type(self).__name__} must implement generate()")
 
     # -- shared sampling -----------------------------------------------------------------------
-    def noise(self, shape, seed: int, dtype=torch.float32) -> torch.Tensor:
-        """Seeded noise, identical on every device and rank (drawn on the CPU)."""
-        x = noise(shape, seed, device=self.device, dtype=dtype)
+    def noise(self, shape, seed: int, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Seeded noise, identical on every device and rank (drawn on the CPU). A ``generator``
+        (the caller's, diffusers-style) is drawn from instead of ``seed`` when given."""
+        x = noise(shape, seed, device=self.device, dtype=dtype, generator=generator)
         if self.parallel is not None:
             self.parallel.check_same(x, what="initial noise")
         return x

@@ -68,7 +68,12 @@ def guide(v_pos: torch.Tensor, v_neg: torch.Tensor, scale: float, rescale_dim: i
     return v
 
 
-def noise(shape, seed: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise that is identical on every device: drawn on the CPU, then moved."""
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+def noise(shape, seed: int, *, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise that is identical on every device: drawn on the CPU, then moved.
+
+    ``generator`` (a CPU ``torch.Generator``) is drawn from, advancing its state, instead of a
+    fresh one seeded with ``seed``."""
+    if generator is None:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    x = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
+    return x.to(device=device, dtype=dtype)

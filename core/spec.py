@@ -45,7 +45,7 @@ class Preset(_Record):
     config: dict[str, Any] = Field(default_factory=dict)
     random_weights: bool = False
     defaults: dict[str, Any] = Field(default_factory=dict)
-    """Default generation arguments for this preset (``steps``, ``height``, ``width``, ...)."""
+    """Default generation arguments for this preset (``num_inference_steps``, ``height``, ``width``, ...)."""
 
 
 class WeightFile(_Record):
@@ -202,7 +202,7 @@ class SizeRange(_Record):
 class Conformance(_Record):
     """What the conformance kit needs to know to exercise the ``tiny`` preset quickly."""
 
-    call: dict[str, Any] = Field(default_factory=lambda: {"steps": 2})
+    call: dict[str, Any] = Field(default_factory=lambda: {"num_inference_steps": 2})
     """Generation arguments for fast checks (added to the prompt and seed)."""
     sizes: dict[str, SizeRange] = Field(
         default_factory=lambda: {"height": SizeRange(min=32, max=80), "width": SizeRange(min=32, max=80)}

@@ -7,7 +7,7 @@ from core.errors import CompileError
 from core.testing.checks import rel_error
 
 pytestmark = pytest.mark.slow
-ARGS = dict(steps=3, seed=5, guidance_scale=3.0, progress=False)
+ARGS = dict(num_inference_steps=3, seed=5, guidance_scale=3.0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_no_recompilation_across_steps_cfg_and_resolutions(pipes):
     _, compiled, _, _ = pipes
     with torch.compiler.set_stance("fail_on_recompile"):
         for height, width, scale in [(64, 64, 1.0), (32, 48, 3.0), (48, 80, 1.0), (96, 32, 3.0)]:
-            out = compiled("a dog", steps=2, seed=1, height=height, width=width, guidance_scale=scale, progress=False)
+            out = compiled("a dog", num_inference_steps=2, seed=1, height=height, width=width, guidance_scale=scale, progress=False)
             assert out.images.shape == (1, 3, height, width)
 
 

@@ -7,7 +7,7 @@ import torch
 from core.errors import InputError
 from core.outputs import Output, write_output
 
-FAST = dict(steps=2, progress=False)
+FAST = dict(num_inference_steps=2, progress=False)
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def pipe(example):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(prompt=""), dict(prompt="   "), dict(prompt="x" * 65), dict(prompt="a", steps=0), dict(prompt="a", steps=-2),
+    [dict(prompt=""), dict(prompt="   "), dict(prompt="x" * 65), dict(prompt="a", num_inference_steps=0), dict(prompt="a", num_inference_steps=-2),
      dict(prompt="a", height=40), dict(prompt="a", width=0), dict(prompt="a", guidance_scale=-1.0),
      dict(prompt="a", seed="7"), dict(prompt="a", num_frames=5)],
 )
@@ -52,9 +52,9 @@ def test_guidance_changes_the_result_and_scale_one_skips_the_negative_branch(pip
 
 
 def test_progress_bar_is_shown_when_asked_and_hidden_otherwise(pipe, capsys):
-    pipe("a fox", steps=2, progress=True)
+    pipe("a fox", num_inference_steps=2, progress=True)
     assert "denoising" in capsys.readouterr().err
-    pipe("a fox", steps=2, progress=False)
+    pipe("a fox", num_inference_steps=2, progress=False)
     assert "denoising" not in capsys.readouterr().err
 
 
@@ -74,3 +74,21 @@ def test_write_output_checks_the_suffix(tmp_path):
         write_output(out, tmp_path / "x.jpg")
     written = write_output(out, tmp_path / "x.png")
     assert [p.name for p in written] == ["x_0.png", "x_1.png"]
+
+
+def test_diffusers_call_names_generator_and_close_match_suggestion(pipe):
+    by_seed = pipe("a fox", seed=5, **FAST).images
+    gen = torch.Generator().manual_seed(5)
+    first = pipe("a fox", generator=gen, **FAST).images
+    second = pipe("a fox", generator=gen, **FAST).images  # the generator advanced: new noise
+    assert torch.equal(first, by_seed) and not torch.equal(second, first)
+    with pytest.raises(InputError, match="num_inference_steps"):
+        pipe("a fox", steps=2, progress=False)
+    with pytest.raises(InputError, match="generator"):
+        pipe("a fox", generator=5, **FAST)
+
+
+def test_to_casts_the_components_to_the_dtype(pipe):
+    pipe.to("cpu", torch.float64)
+    assert pipe.dtype == torch.float64
+    assert {p.dtype for m in pipe.components().values() for p in m.parameters()} == {torch.float64}

@@ -43,8 +43,8 @@ def test_checkpoint_loads_through_the_real_loader(example, source, tmp_path, sha
     for comp in ("dit", "vae", "text_encoder"):
         for key, value in getattr(source, comp).state_dict().items():
             assert torch.equal(getattr(loaded, comp).state_dict()[key], value), (comp, key)
-    a = source("a cat", steps=2, seed=1, progress=False).images
-    b = loaded("a cat", steps=2, seed=1, progress=False).images
+    a = source("a cat", num_inference_steps=2, seed=1, progress=False).images
+    b = loaded("a cat", num_inference_steps=2, seed=1, progress=False).images
     assert torch.equal(a, b)
 
 

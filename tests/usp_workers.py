@@ -20,7 +20,7 @@ def _subject(site: str):
 def _error(pipe, ref, **call) -> float:
     from core.testing.checks import rel_error
 
-    args = {"seed": 3, "steps": 2, "progress": False, "guidance_scale": 3.0, **call}
+    args = {"seed": 3, "num_inference_steps": 2, "progress": False, "guidance_scale": 3.0, **call}
     return rel_error(pipe(PROMPT, **args).tensor(), ref(PROMPT, **args).tensor())
 
 
@@ -52,12 +52,12 @@ def compile_and_diverge(site: str) -> dict:
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
             for scale, call in [(1.0, UNEVEN), (3.0, EVEN), (1.0, dict(height=32, width=80))]:
-                compiled(PROMPT, seed=4, steps=3, progress=False, guidance_scale=scale, **call)
+                compiled(PROMPT, seed=4, num_inference_steps=3, progress=False, guidance_scale=scale, **call)
         results["recompiled"] = "no"
     except RuntimeError as exc:
         results["recompiled"] = str(exc)[-400:]
     try:
-        eager(PROMPT, seed=dist.get_rank(), steps=1, progress=False)
+        eager(PROMPT, seed=dist.get_rank(), num_inference_steps=1, progress=False)
         results["divergence"] = "not detected"
     except ParallelError as exc:
         results["divergence"] = str(exc)
@@ -78,7 +78,7 @@ def failing_rank(site: str) -> None:
 
         pipe.dit.forward = broken
         del original
-    pipe(PROMPT, seed=0, steps=2, progress=False)
+    pipe(PROMPT, seed=0, num_inference_steps=2, progress=False)
 
 
 def wan_four_ranks() -> dict:

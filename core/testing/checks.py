@@ -263,7 +263,7 @@ def _three_sizes(subject: Subject) -> list[dict]:
 def check_no_recompile(subject: Subject, opts: KitOptions) -> None:
     _needs_compile(subject)
     pipe = _compiled(subject)
-    base = subject.call_args(steps=max(2, subject.spec.conformance.call.get("steps", 2)))
+    base = subject.call_args(num_inference_steps=max(2, subject.spec.conformance.call.get("num_inference_steps", 2)))
     cfg_values = [1.0, 3.0] if subject.spec.capabilities.cfg else [base.get("guidance_scale", 1.0)]
     pipe(PROMPT, **{**base, "guidance_scale": cfg_values[-1]})  # warm-up compiles
     cases = [({}, g) for g in cfg_values] + [(s, g) for s in _three_sizes(subject) for g in cfg_values]
@@ -325,8 +325,8 @@ def check_bad_input(subject: Subject, opts: KitOptions) -> None:
     spec = subject.spec
     pipe = subject.pipe()
     multiple = spec.capabilities.size_multiple
-    cases = [("an empty prompt", "", {}), ("a negative step count", PROMPT, {"steps": -1}),
-             ("a zero step count", PROMPT, {"steps": 0}),
+    cases = [("an empty prompt", "", {}), ("a negative step count", PROMPT, {"num_inference_steps": -1}),
+             ("a zero step count", PROMPT, {"num_inference_steps": 0}),
              (f"a height that is not a multiple of {multiple}", PROMPT, {"height": multiple * 2 + multiple // 2}),
              (f"a width that is not a multiple of {multiple}", PROMPT, {"width": multiple * 2 + multiple // 2})]
     if spec.capabilities.max_prompt_tokens:

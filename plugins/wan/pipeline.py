@@ -96,7 +96,7 @@ class WanPipeline(Pipeline):
 
     compilable_models = ("dit",)
     defaults: dict[str, Any] = {
-        "steps": 50, "guidance_scale": 5.0, "guidance_scale_low": None, "height": 480, "width": 832,
+        "num_inference_steps": 50, "guidance_scale": 5.0, "guidance_scale_low": None, "height": 480, "width": 832,
         "num_frames": 81, "shift": 5.0, "fps": 16, "negative_prompt": NEGATIVE_PROMPT, "image": None,
         "boundary": None, "tiled": False,
     }
@@ -223,12 +223,12 @@ class WanPipeline(Pipeline):
         return "dit" if _is_high_noise(sigma, boundary) else "dit_low"
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, *, prompt, negative_prompt, steps, guidance_scale, guidance_scale_low, seed, height, width,
-                 num_frames, shift, fps, image, boundary, tiled, progress=None) -> Output:
+    def generate(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_scale_low, seed,
+                 generator, height, width, num_frames, shift, fps, image, boundary, tiled, progress=None) -> Output:
         context = {"cond": self.encode_prompt(prompt), "uncond": self.encode_prompt(negative_prompt or "")}
         shape = self.latent_shape(num_frames, height, width)
-        x = self.noise(shape, seed)
-        sigmas = shifted_sigmas(steps, float(shift))
+        x = self.noise(shape, seed, generator=generator)
+        sigmas = shifted_sigmas(num_inference_steps, float(shift))
 
         y = None
         keep = None  # TI2V with an image: velocity mask that holds latent frame 0 fixed

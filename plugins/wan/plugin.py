@@ -132,7 +132,7 @@ def write_checkpoint(pipe, root: str | Path, *, shards: int = 2, t5_dtype: torch
 
 def _conformance(task: str) -> Conformance:
     multiple = 32 if task == "ti2v" else 16
-    call = {"steps": 2, "num_frames": 5}
+    call = {"num_inference_steps": 2, "num_frames": 5}
     if task == "i2v":
         # a fixed image; the pipeline resizes it to each drawn size
         call["image"] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -166,34 +166,34 @@ def _usp(component: str, per_token_t: bool) -> UspAdapter:
 
 
 # name: (Hugging Face repository, aliases, description, tiny defaults, default-preset defaults)
-_TINY_T2V = {"steps": 3, "height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0, "shift": 5.0, "fps": 16}
+_TINY_T2V = {"num_inference_steps": 3, "height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0, "shift": 5.0, "fps": 16}
 _MODELS = {
     "wan2.1-t2v-1.3b": (
         "Wan-AI/Wan2.1-T2V-1.3B", ["wan", "wan2.1", "wan2.1-1.3b"], "Wan2.1 text-to-video, 1.3B DiT",
         _TINY_T2V,
-        {"steps": 50, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 5.0, "shift": 5.0, "fps": 16},
+        {"num_inference_steps": 50, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 5.0, "shift": 5.0, "fps": 16},
     ),
     "wan2.1-t2v-14b": (
         "Wan-AI/Wan2.1-T2V-14B", ["wan2.1-14b"], "Wan2.1 text-to-video, 14B DiT",
         _TINY_T2V,
-        {"steps": 50, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 5.0, "shift": 5.0, "fps": 16},
+        {"num_inference_steps": 50, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 5.0, "shift": 5.0, "fps": 16},
     ),
     "wan2.2-t2v-a14b": (
         "Wan-AI/Wan2.2-T2V-A14B", ["wan2.2", "wan2.2-a14b"], "Wan2.2 text-to-video, two 14B experts (high noise, then low noise)",
         {**_TINY_T2V, "guidance_scale": 4.0, "guidance_scale_low": 3.0, "shift": 12.0, "boundary": 0.875},
-        {"steps": 40, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 4.0,
+        {"num_inference_steps": 40, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 4.0,
          "guidance_scale_low": 3.0, "shift": 12.0, "boundary": 0.875, "fps": 16},
     ),
     "wan2.2-i2v-a14b": (
         "Wan-AI/Wan2.2-I2V-A14B", ["wan2.2-i2v"], "Wan2.2 image-to-video, two 14B experts, image through the VAE (no CLIP)",
         {**_TINY_T2V, "guidance_scale": 3.5, "guidance_scale_low": 3.5, "boundary": 0.9},
-        {"steps": 40, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 3.5,
+        {"num_inference_steps": 40, "height": 480, "width": 832, "num_frames": 81, "guidance_scale": 3.5,
          "guidance_scale_low": 3.5, "shift": 5.0, "boundary": 0.9, "fps": 16},
     ),
     "wan2.2-ti2v-5b": (
         "Wan-AI/Wan2.2-TI2V-5B", ["wan2.2-5b", "wan2.2-ti2v"], "Wan2.2 text(+image)-to-video, 5B DiT, Wan2.2 VAE (16x16 stride)",
         {**_TINY_T2V, "height": 64, "width": 64, "fps": 24},
-        {"steps": 50, "height": 704, "width": 1280, "num_frames": 121, "guidance_scale": 5.0, "shift": 5.0, "fps": 24},
+        {"num_inference_steps": 50, "height": 704, "width": 1280, "num_frames": 121, "guidance_scale": 5.0, "shift": 5.0, "fps": 24},
     ),
 }
 

@@ -53,7 +53,7 @@ def test_official_layout_loads_exactly(name, tmp_path):
         for key, value in module.state_dict().items():
             assert torch.equal(theirs[key], value), f"{component}.{key}"
     assert not torch.equal(fresh.dit.blocks[0].ffn[0].weight, loaded.dit.blocks[0].ffn[0].weight)
-    args = dict(seed=0, steps=2)
+    args = dict(seed=0, num_inference_steps=2)
     if "i2v" in name:
         args["image"] = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded("a red fox", **args).video, src("a red fox", **args).video)

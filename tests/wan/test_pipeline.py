@@ -69,7 +69,7 @@ def test_every_model_is_registered_with_its_declarations(registry):
         assert ("Wan2.2_VAE.pth" if "ti2v" in name else "Wan2.1_VAE.pth") in paths
         assert ("high_noise_model/diffusion_pytorch_model.safetensors" in paths) == two
     a14b = registry.model("wan2.2-t2v-a14b").spec.presets["default"].defaults
-    assert (a14b["steps"], a14b["shift"], a14b["boundary"], a14b["guidance_scale"], a14b["guidance_scale_low"]) == (40, 12.0, 0.875, 4.0, 3.0)
+    assert (a14b["num_inference_steps"], a14b["shift"], a14b["boundary"], a14b["guidance_scale"], a14b["guidance_scale_low"]) == (40, 12.0, 0.875, 4.0, 3.0)
     ti2v = registry.model("wan2.2-ti2v-5b").spec.presets["default"].defaults
     assert (ti2v["width"], ti2v["height"], ti2v["num_frames"], ti2v["fps"]) == (1280, 704, 121, 24)
 
@@ -94,7 +94,7 @@ def test_default_negative_prompt_is_the_official_one(pipes, monkeypatch):
     pipe = pipes["wan"]
     seen = []
     monkeypatch.setattr(pipe, "encode_prompt", lambda text: seen.append(text) or torch.zeros(1, 512, 32))
-    pipe("a cat", seed=0, steps=1)
+    pipe("a cat", seed=0, num_inference_steps=1)
     assert seen == ["a cat", NEGATIVE_PROMPT]
     assert NEGATIVE_PROMPT.startswith("色调艳丽") and NEGATIVE_PROMPT.endswith("倒着走")
 
@@ -107,7 +107,7 @@ def test_two_experts_switch_at_the_boundary_with_their_own_cfg_scale(pipes, monk
     monkeypatch.setattr(core.pipeline, "guide", lambda c, u, s, d=None: scales.append(s) or real_guide(c, u, s, d))
     try:
         # shift 12, 4 steps: σ = 1, 0.973, 0.923, 0.8 -> t ≥ 875 for the first three steps
-        pipe("a cat", seed=0, steps=4, shift=12.0, boundary=0.875, guidance_scale=4.0, guidance_scale_low=3.0)
+        pipe("a cat", seed=0, num_inference_steps=4, shift=12.0, boundary=0.875, guidance_scale=4.0, guidance_scale_low=3.0)
     finally:
         for h in hooks:
             h.remove()

@@ -11,7 +11,7 @@ from .model import LATENT_CHANNELS, VAE_SCALE, ByteTextEncoder, ExampleDiT, Tiny
 
 class ExamplePipeline(Pipeline):
     compilable_models = ("dit", "vae")
-    defaults = {"steps": 4, "guidance_scale": 3.0, "height": 64, "width": 64, "shift": 3.0}
+    defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 64, "width": 64, "shift": 3.0}
 
     def __init__(self, config: dict, *, device, dtype, weights=None, seed: int = 0):
         super().__init__(device=device, dtype=dtype)
@@ -36,11 +36,12 @@ class ExamplePipeline(Pipeline):
         ids = self.text_encoder.tokenize(text).to(self.device)[None]
         return self.text_encoder(ids)
 
-    def generate(self, *, prompt, negative_prompt, steps, guidance_scale, seed, height, width, shift, progress=None):
+    def generate(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator, height, width,
+                 shift, progress=None):
         cond = {"cond": self.encode_prompt(prompt), "uncond": self.encode_prompt(negative_prompt or "")}
         shape = (1, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
-        x = self.noise(shape, seed)
-        sigmas = shifted_sigmas(steps, shift)
+        x = self.noise(shape, seed, generator=generator)
+        sigmas = shifted_sigmas(num_inference_steps, shift)
 
         def velocity(x, sigma, branch, step):
             t = sigma.reshape(1).to(self.device)

@@ -1,8 +1,8 @@
 """The Wan plugin module (entry point ``wan = "plugins.wan.plugin"`` in ``ditkit.plugins``): it only declares.
 
-Five models, each with a ``tiny`` preset (seeded random weights, CPU seconds) and a ``default``
-preset that loads the official checkpoint layout (MODELS.md §A1) with the official generation
-defaults (§A6).  The pipeline is :class:`plugins.wan.pipeline.WanPipeline` for all of them.
+Five models, each with a ``tiny`` preset (seeded random weights, CPU seconds) and an ``official``
+preset that loads the official checkpoint layout (docs/models.md, Wan checkpoint layout) with the official generation
+defaults.  The pipeline is :class:`plugins.wan.pipeline.WanPipeline` for all of them.
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def model_spec(name: str) -> ModelSpec:
         presets={
             "tiny": Preset(description="tiny DiT/VAE/umT5, seeded random weights, CPU seconds",
                            config=tiny_config, random_weights=True, defaults=tiny_defaults),
-            "default": Preset(description=f"the official checkpoint {repo}, official generation defaults",
+            "official": Preset(description=f"the official checkpoint {repo}, official generation defaults",
                               config=real_config, defaults=defaults),
         },
         weights=_layout(repo, two_experts, vae_file),

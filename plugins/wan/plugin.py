@@ -201,6 +201,10 @@ _MODELS = {
 }
 
 
+def _small(tiny_config: dict) -> dict:
+    return {**tiny_config, "dit": {**tiny_config["dit"], "dim": 512, "ffn_dim": 2048, "num_heads": 4, "num_layers": 4}}
+
+
 def model_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of one released Wan model."""
     repo, aliases, description, tiny_defaults, defaults = _MODELS[name]
@@ -216,6 +220,9 @@ def model_spec(name: str) -> ModelSpec:
         presets={
             "tiny": Preset(description="tiny DiT/VAE/umT5, seeded random weights, CPU seconds",
                            config=tiny_config, random_weights=True, defaults=tiny_defaults),
+            "small": Preset(description="a 4-layer DiT of width 512 (4 heads of 128) over the tiny VAE and umT5, "
+                                        "seeded random weights: CPU benchmarks (ditkit bench)",
+                            config=_small(tiny_config), random_weights=True, defaults=tiny_defaults),
             "official": Preset(description=f"the official checkpoint {repo}, official generation defaults",
                               config=real_config, defaults=defaults),
         },

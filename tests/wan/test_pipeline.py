@@ -54,7 +54,7 @@ def test_every_model_is_registered_with_its_declarations(registry):
     assert registry.model("wan").spec.name == "wan2.1-t2v-1.3b"
     for name in MODELS:
         spec = registry.model(name).spec
-        assert set(spec.presets) == {"tiny", "official"} and not spec.presets["official"].random_weights
+        assert set(spec.presets) == {"tiny", "small", "official"} and not spec.presets["official"].random_weights
         two = name.endswith("a14b")
         dits = ["dit", "dit_low"] if two else ["dit"]
         assert spec.compilable_models == dits

@@ -71,10 +71,9 @@ def _preflight(args) -> str:
 def _cmd_run(args) -> int:
     import core
 
-    if not args.usp:  # under --usp each rank was launched after its launcher's (or torchrun's user's) preflight
-        out = _preflight(args)
-    else:
-        out = None
+    # a rank of --nproc (``--usp`` without ``--nproc``) runs after its launcher's preflight; under
+    # torchrun the main rank checks the output path below, after the model is known to load
+    out = _preflight(args) if (args.nproc or 0) > 1 or not args.usp else None
     if args.nproc and args.nproc > 1:
         from .parallel.launch import relaunch_cli
 

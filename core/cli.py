@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    previous = None
     if not raise_errors:
         try:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread: leave the default
             pass
     try:
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
             raise
         print(f"ditkit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

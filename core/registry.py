@@ -126,7 +126,7 @@ class Registry:
                 skipped = [d for d in dists if d not in chosen]
                 kept = f"kept the built-in one from {chosen[0]!r}" if chosen else "loaded neither"
                 pick = " or ".join(f"DITKIT_PLUGINS={name}@{d}" for d in dists)
-                self._fail(name, ", ".join(map(repr, skipped)),
+                self._fail(name, ", ".join(skipped),
                            f"clashes: distributions {', '.join(map(repr, dists))} each offer a plugin named {name!r}; "
                            f"{kept} (choose with {pick})")
             for dist in chosen:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import asdict
 
-from .errors import DitkitError
+from .errors import DitkitError, InputError, Interrupted, RankFailed
 
 
 def _cmd_plugins(args) -> int:
@@ -38,32 +40,64 @@ def _cmd_plugins(args) -> int:
     return 0
 
 
-def _cmd_run(args) -> int:
-    import core
-
-    if args.nproc and args.nproc > 1:
-        from .parallel.launch import relaunch_cli
-
-        return relaunch_cli(args.nproc, sys.argv[1:])
-    options = {}
-    if args.usp:
-        options.update(use_usp=True)
-    pipe = core.load(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype, **options)
-    is_main = pipe.parallel is None or pipe.parallel.is_main
-    if args.compile:
-        report = pipe.compile_pipeline()
-        if is_main:
-            print(report)
+def _generation_args(args) -> dict:
     gen = {k: v for k, v in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
                              ("guidance_scale", args.guidance_scale), ("negative_prompt", args.negative_prompt),
                              ("num_frames", args.num_frames)) if v is not None}
     if args.image is not None:
         gen["image"] = _read_image(args.image)
+    return gen
+
+
+def _preflight(args) -> str:
+    """Every check that needs no model weights, before any work (and, with ``--nproc``, before any
+    rank is spawned): the model, its preset, the device and dtype, the output path and format, and
+    the generation arguments (against the pipeline built on the meta device). Returns the output path."""
+    from .loading import check_call
+    from .outputs import check_output_path, default_output_name
+    from .registry import get_registry
+
+    if args.nproc is not None and args.nproc < 0:
+        raise InputError(f"--nproc must be a positive number of processes, got {args.nproc}")
+    spec = get_registry().model(args.model).spec
+    kind = spec.capabilities.output
+    out = args.out or default_output_name(spec.name, kind)
+    check_output_path(out, kind)
+    check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
+               prompt=args.prompt, seed=args.seed, **_generation_args(args))
+    return out
+
+
+def _cmd_run(args) -> int:
+    import core
+
+    # a rank of --nproc (``--usp`` without ``--nproc``) runs after its launcher's preflight; under
+    # torchrun the main rank checks the output path below, after the model is known to load
+    out = _preflight(args) if (args.nproc or 0) > 1 or not args.usp else None
+    if args.nproc and args.nproc > 1:
+        from .parallel.launch import relaunch_cli
+
+        return relaunch_cli(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+    options = {}
+    if args.usp:
+        options.update(use_usp=True)
+    pipe = core.load(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype, **options)
+    is_main = pipe.parallel is None or pipe.parallel.is_main
+    if out is None:
+        from .outputs import check_output_path, default_output_name
+
+        out = args.out or default_output_name(pipe.spec.name, pipe.spec.capabilities.output)
+        if is_main:
+            check_output_path(out, pipe.spec.capabilities.output)
+    if args.compile:
+        report = pipe.compile_pipeline()
+        if is_main:
+            print(report)
+    gen = _generation_args(args)
     start = time.perf_counter()
     output = pipe(args.prompt, seed=args.seed, progress=False if args.no_progress else None, **gen)
     elapsed = time.perf_counter() - start
     if is_main:
-        out = args.out or f"{pipe.spec.name}.{ {'image': 'png', 'video': 'mp4', 'audio': 'wav', 'video+audio': 'mp4'}[output.kind] }"
         written = core.write_output(output, out)
         print(f"wrote {', '.join(map(str, written))} ({output.kind}, {tuple(output.tensor().shape)}) in {elapsed:.2f} s")
     return 0
@@ -94,7 +128,7 @@ def _read_image(path: str):
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"cannot read --image {path!r}: {exc}") from None
+        raise InputError(f"cannot read --image {path!r}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,14 +178,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _one_line(exc: BaseException) -> str:
+    """The error as one line; a rank's failure as that rank's own error (``DITKIT_DEBUG=1``: all)."""
+    if isinstance(exc, RankFailed):
+        cause = exc.__cause__
+        text = str(cause) if cause is not None else str(exc).split("\n", 1)[0].split(": ", 1)[-1]
+        text = f"rank {exc.rank}: {text}"
+        if os.environ.get("DITKIT_DEBUG"):
+            return f"{text}\n{exc.remote_traceback}"
+    else:
+        text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split()) if not os.environ.get("DITKIT_DEBUG") else text
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted("terminated (SIGTERM)", signum)
+
+
+def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
+    """The ``ditkit`` command. Every user error is one ``ditkit: error:`` line and exit status 2;
+    Ctrl-C exits 130 and SIGTERM 143, each after the temporary output file is removed.
+    ``raise_errors`` (a rank of ``--nproc``) lets errors reach the launcher, which prints one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
+    previous = None
+    if not raise_errors:
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: leave the default
+            pass
     try:
         return args.func(args)
+    except Interrupted as exc:
+        if raise_errors:
+            raise
+        print(f"ditkit: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        if raise_errors:
+            raise
+        print("ditkit: interrupted", file=sys.stderr)
+        return 130
     except (DitkitError, ValueError) as exc:
-        print(f"ditkit: error: {exc}", file=sys.stderr)
+        if raise_errors:
+            raise
+        print(f"ditkit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,25 @@ class RankFailed(ParallelError):
     def __init__(self, message: str, rank: int, error_type: str, remote_traceback: str):
         super().__init__(message)
         self.rank, self.error_type, self.remote_traceback = rank, error_type, remote_traceback
+
+
+class OutputError(DitkitError, ValueError):
+    """The output path cannot be written (wrong suffix for the output kind, a directory, not
+    writable, disk full) or the output itself is unfit to write (non-finite values)."""
+
+
+class GenerationError(DitkitError):
+    """Generation produced something unusable: a non-finite latent (``step`` says at which
+    denoising step it first appeared, ``None`` when only the final output was non-finite)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class Interrupted(DitkitError):
+    """The run was stopped by a signal (``signum``); the CLI exits with ``128 + signum``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -1,17 +1,19 @@
 """``core.load``: from a model name to a ready pipeline."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
 import torch
 
-from .errors import InputError, WeightsError
+from . import guards
+from .errors import DitkitError, InputError, PluginError, WeightsError
 from .pipeline import Pipeline
 from .registry import get_registry
 from .weights import check_layout, check_required_paths, component_module, load_component, no_init_weights
 
-__all__ = ["load", "load_spec", "resolve_dtype", "default_device"]
+__all__ = ["load", "load_spec", "check_call", "resolve_dtype", "default_device"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -32,7 +34,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return guards.resolve_device(None)
 
 
 def load(
@@ -54,22 +56,78 @@ def load(
     parallel across the ranks of the current ``torchrun`` job (options ``ulysses_degree``,
     ``ring_degree``, ``cfg_parallel``). Other ``options`` go to the plugin's pipeline factory.
     """
-    spec = get_registry().model(name).spec
-    return load_spec(spec, preset, weights, device, dtype, use_usp=use_usp, **options)
+    record = get_registry().model(name)
+    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, _plugin=record.plugin, **options)
 
 
-def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_usp: bool = False, **options) -> Pipeline:
+_USP_OPTIONS = ("ulysses_degree", "ring_degree", "cfg_parallel")
+_FACTORY_ARGS = ("config", "device", "dtype", "weights")
+
+
+def _check_options(spec, options: dict) -> None:
+    """Options the factory does not take are an :class:`InputError` naming them and the known ones
+    (not the factory's ``TypeError`` after half a build). A factory taking ``**kwargs`` accepts all."""
+    try:
+        params = inspect.signature(spec.pipeline).parameters
+    except (TypeError, ValueError):  # a builtin or C factory: let it judge
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = sorted({n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+                   - set(_FACTORY_ARGS) | set(_USP_OPTIONS))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        import difflib
+
+        hints = [f"{u!r} -> did you mean {c[0]!r}?" for u in unknown
+                 if (c := difflib.get_close_matches(u, known, n=1, cutoff=0.6))]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise InputError(f"unknown option(s) {unknown} for model {spec.name!r}{hint}; known options: {known}")
+
+
+def _device_for(device, use_usp: bool) -> torch.device:
+    """The device to build on. Under ``torchrun`` with ``use_usp`` a CUDA request without an index
+    (or no request on a CUDA machine) means this rank's GPU, ``cuda:$LOCAL_RANK``, chosen before
+    anything is built so no rank ever allocates on another's GPU."""
+    dev = guards.resolve_device(device)
+    local = os.environ.get("LOCAL_RANK")
+    if use_usp and dev.type == "cuda" and dev.index is None and local is not None:
+        try:
+            index = int(local)
+        except ValueError:
+            raise InputError(f"LOCAL_RANK={local!r} is not an integer") from None
+        dev = guards.resolve_device(f"cuda:{index}")
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _call_factory(spec, plugin: str | None, config, **kwargs):
+    """Run the plugin's factory; what it raises beyond the project's own errors is a
+    :class:`PluginError` naming the plugin and the model."""
+    try:
+        return spec.pipeline(config, **kwargs)
+    except DitkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin bug must not surface as a bare traceback
+        raise PluginError(
+            f"plugin {plugin or '?'!r}, model {spec.name!r}: the pipeline factory raised "
+            f"{type(exc).__name__}: {exc} (expected a core.Pipeline)"
+        ) from exc
+
+
+def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_usp: bool = False,
+              _plugin: str | None = None, **options) -> Pipeline:
     """:func:`load` for a :class:`core.spec.ModelSpec` in hand (the conformance kit, tests)."""
     preset_name = preset or spec.default_preset
     if preset_name not in spec.presets:
         raise InputError(f"model {spec.name!r} has no preset {preset_name!r}; presets: {', '.join(sorted(spec.presets))}")
     chosen = spec.presets[preset_name]
-    device = torch.device(device) if device is not None else default_device()
+    _check_options(spec, options)
+    device = _device_for(device, use_usp)
     dtype = resolve_dtype(dtype, device)
-    usp_options = {k: options.pop(k) for k in ("ulysses_degree", "ring_degree", "cfg_parallel") if k in options}
+    usp_options = {k: options.pop(k) for k in _USP_OPTIONS if k in options}
     if usp_options and not use_usp:
         raise InputError(f"{', '.join(usp_options)} need use_usp=True")
-    factory = spec.pipeline
     if weights is None:
         if not chosen.random_weights:
             layout = spec.weights.description if spec.weights else ""
@@ -77,10 +135,10 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
                 f"preset {preset_name!r} of {spec.name!r} needs weights=<directory in the official layout>"
                 f"{': ' + layout if layout else ''}"
             )
-        pipe = factory(dict(chosen.config), device=device, dtype=dtype, weights=None, **options)
+        pipe = _call_factory(spec, _plugin, dict(chosen.config), device=device, dtype=dtype, weights=None, **options)
     else:
-        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options)
-    _attach(pipe, spec, chosen)
+        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin)
+    _attach(pipe, spec, chosen, _plugin)
     if use_usp:
         from .parallel import attach_usp
 
@@ -88,14 +146,17 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
     return pipe
 
 
-def _attach(pipe, spec, preset) -> None:
+def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
     if not isinstance(pipe, Pipeline):
-        raise TypeError(f"the pipeline factory of {spec.name!r} returned {type(pipe).__name__}, not a core.Pipeline")
+        raise PluginError(f"plugin {plugin or '?'!r}, model {spec.name!r}: the pipeline factory returned "
+                          f"{type(pipe).__name__}, expected a core.Pipeline")
     pipe.spec = spec
+    if plugin is not None:
+        pipe.plugin_name = plugin
     pipe.preset_defaults = dict(preset.defaults)
 
 
-def _build_with_weights(spec, preset, root: Path, device, dtype, options) -> Pipeline:
+def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None) -> Pipeline:
     if spec.weights is None:
         raise WeightsError(f"model {spec.name!r} declares no checkpoint layout, so weights= cannot be used")
     layout = spec.weights
@@ -103,16 +164,48 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options) -> Pip
     config = dict(preset.config)
     # 1. shapes only: build on the meta device and compare every file's header with it
     with torch.device("meta"):
-        meta = spec.pipeline(config, device=torch.device("meta"), dtype=dtype, weights=root, **options)
+        meta = _call_factory(spec, plugin, config, device=torch.device("meta"), dtype=dtype, weights=root, **options)
     checked = [check_layout(root, wf, component_module(meta, wf.component)) for wf in layout.files]
     del meta
     # 2. build for real without random init, fill from the checkpoint, then move
     build_device = torch.device("cpu") if device.type != "cpu" else device
     with no_init_weights():
-        pipe = spec.pipeline(config, device=build_device, dtype=dtype, weights=root, **options)
+        pipe = _call_factory(spec, plugin, config, device=build_device, dtype=dtype, weights=root, **options)
     for wf, chk in zip(layout.files, checked):
         if chk is not None:
             load_component(root, wf, component_module(pipe, wf.component), checked=chk)
     if build_device != device:
         pipe.to(device)
     return pipe
+
+
+def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *, prompt: str = "x", **call) -> None:
+    """Check a ``core.load(name, ...)(prompt, **call)`` request without loading weights or
+    allocating: the model, preset, device, dtype and the generation arguments (``check_inputs`` of
+    the pipeline built on the meta device). ``ditkit run`` calls this before any work and before
+    spawning ranks, so a bad argument is one error line, not one traceback per rank."""
+    record = get_registry().model(name)
+    spec = record.spec
+    preset_name = preset or spec.default_preset
+    if preset_name not in spec.presets:
+        raise InputError(f"model {spec.name!r} has no preset {preset_name!r}; presets: {', '.join(sorted(spec.presets))}")
+    chosen = spec.presets[preset_name]
+    dev = guards.resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
+    root = None
+    if weights is not None:
+        if spec.weights is None:
+            raise WeightsError(f"model {spec.name!r} declares no checkpoint layout, so weights= cannot be used")
+        root = Path(weights)
+        check_required_paths(root, spec.weights)
+    elif not chosen.random_weights:
+        raise WeightsError(f"preset {preset_name!r} of {spec.name!r} needs weights=<directory in the official layout>")
+    with torch.device("meta"):
+        meta = _call_factory(spec, record.plugin, dict(chosen.config), device=torch.device("meta"), dtype=dtype, weights=root)
+    _attach(meta, spec, chosen, record.plugin)
+    args = meta.resolve(prompt=prompt, **call)
+    meta.check_inputs(args)
+    # the size check against real memory: the meta pipeline knows the shapes, ``dev`` the room
+    estimated = meta.estimate_bytes(args)
+    if estimated:
+        guards.check_fits(int(estimated), dev, f"{args.get('height')}x{args.get('width')} with {type(meta).__name__}")

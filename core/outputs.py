@@ -1,11 +1,19 @@
 """What a pipeline returns, and writers for the formats people open (PNG; MP4 and WAV below).
 
-Files are written to a temporary name in the target folder and renamed into place, so an
-interrupted run never leaves a half-written file.
+Files are written to a temporary name in the target folder (``.<name>.<pid>.<random><suffix>``)
+and renamed into place, so an interrupted run never leaves a half-written file and the previous
+file at that path survives a failed write (disk full). The temporary is removed on any exception,
+Ctrl-C and (through the CLI's handler) SIGTERM; one left by a process killed outright (SIGKILL) is
+removed by the next write to the same path, once its pid is gone. :func:`check_output_path`
+runs every check that needs no data (suffix for the output kind, a directory in the way, the
+folder writable) so the CLI fails before any work. Encoders run single-threaded with fixed
+options: the same tensors give the same bytes.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +22,9 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Output", "write_output", "register_writer", "atomic_path", "to_uint8", "write_png", "write_mp4", "write_wav"]
+from .errors import OutputError
+
+__all__ = ["check_output_path", "Output", "write_output", "register_writer", "atomic_path", "to_uint8", "write_png", "write_mp4", "write_wav"]
 
 
 @dataclass
@@ -41,19 +51,72 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove temporaries of ``target`` (``.<name>.<pid>.<random><suffix>``) whose writer is gone;
+    a live writer's temporary (a concurrent run) is left alone. Returns what was removed."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[^.]+" + re.escape(target.suffix) + "$")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _write_failed(target: Path, exc: OSError) -> OutputError:
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "the file is larger than allowed", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}.get(exc.errno, exc.strerror or str(exc))
+    kept = " (the previous file there is unchanged)" if target.exists() else ""
+    return OutputError(f"cannot write {target}: {what}{kept}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary goes on any exception (and on Ctrl-C); an ``OSError`` (disk full, read-only)
+    becomes one :class:`OutputError` line, the previous file at ``path`` intact."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix, dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=suffix or target.suffix, dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_failed(target, exc) from exc
     try:
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a written result is an ordinary file
         os.replace(tmp, target)
+    except OSError as exc:
+        raise _write_failed(target, exc) from exc
+    except Exception as exc:
+        # encoders (PyAV) wrap the OS error in their own type; its errno still says what happened
+        code = getattr(exc, "errno", None)
+        if isinstance(code, int) and code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+            raise _write_failed(target, OSError(code, os.strerror(code))) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -70,7 +133,7 @@ def write_png(output: Output, path: Path) -> list[Path]:
 
     images = output.images
     if images is None or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"PNG writer: expected images (B, 3, H, W), got {None if images is None else tuple(images.shape)}")
+        raise OutputError(f"PNG writer: expected images (B, 3, H, W), got {None if images is None else tuple(images.shape)}")
     paths = _batch_paths(path, images.shape[0])
     for img, p in zip(to_uint8(images), paths):
         with atomic_path(p) as tmp:
@@ -101,7 +164,7 @@ def write_mp4(output: Output, path: Path, *, crf: int = 18) -> list[Path]:
     fps = output.fps or 16
     sample_rate = output.sample_rate or 48000
     if video is None or video.dim() != 5 or video.shape[1] != 3:
-        raise ValueError(f"MP4 writer: expected video (B, 3, F, H, W), got {None if video is None else tuple(video.shape)}")
+        raise OutputError(f"MP4 writer: expected video (B, 3, F, H, W), got {None if video is None else tuple(video.shape)}")
     paths = _batch_paths(path, video.shape[0])
     rate = Fraction(fps).limit_denominator(1001)
     for i, p in enumerate(paths):
@@ -111,11 +174,16 @@ def write_mp4(output: Output, path: Path, *, crf: int = 18) -> list[Path]:
                 stream = container.add_stream("libx264", rate=rate)
                 stream.width, stream.height = frames.shape[2], frames.shape[1]
                 stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": str(crf)}
+                # one thread and fixed options: x264's threaded encoding depends on timing, so the
+                # same frames gave different files run to run
+                stream.thread_count = 1
+                stream.thread_type = "NONE"
+                stream.options = {"crf": str(crf), "threads": "1", "x264-params": "threads=1:lookahead-threads=1"}
                 astream = None
                 if audio is not None:
                     channels = audio.shape[1]
                     astream = container.add_stream("aac", rate=int(sample_rate))
+                    astream.thread_count = 1
                     astream.layout = "mono" if channels == 1 else "stereo"
                 for frame in frames:
                     for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
@@ -142,7 +210,7 @@ def write_wav(output: Output, path: Path) -> list[Path]:
 
     audio, sample_rate = output.audio, output.sample_rate or 48000
     if audio is None or audio.dim() != 3:
-        raise ValueError(f"WAV writer: expected audio (B, channels, samples), got {None if audio is None else tuple(audio.shape)}")
+        raise OutputError(f"WAV writer: expected audio (B, channels, samples), got {None if audio is None else tuple(audio.shape)}")
     paths = _batch_paths(path, audio.shape[0])
     for i, p in enumerate(paths):
         pcm = (audio[i].detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).cpu()
@@ -169,12 +237,54 @@ def register_writer(kind: str, suffix: str, writer) -> None:
     _WRITERS[kind] = (suffix, writer)
 
 
+def _kind_suffix(kind: str) -> str:
+    if kind not in _WRITERS:
+        raise OutputError(f"no writer for {kind!r} outputs (known: {', '.join(sorted(_WRITERS))})")
+    return _WRITERS[kind][0]
+
+
+def default_output_name(model: str, kind: str) -> str:
+    """``<model>.<suffix of the kind>``: where ``ditkit run`` writes without ``--out``."""
+    return f"{model}{_kind_suffix(kind)}"
+
+
+def check_output_path(path: str | os.PathLike, kind: str) -> Path:
+    """Everything about writing ``kind`` to ``path`` that can be known before generating: the
+    suffix matches the kind, ``path`` is not a directory, its parent is (or can be made) a
+    directory, and a file can be created there. :class:`OutputError` otherwise."""
+    suffix = _kind_suffix(kind)
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"output path {str(target)!r} is a directory; name a {suffix} file")
+    if target.suffix.lower() != suffix:
+        raise OutputError(f"{kind} outputs are written as {suffix} files, got {str(target)!r}")
+    folder = target.parent
+    existing = folder
+    while not existing.exists():  # the first existing ancestor decides (mkdir -p later)
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputError(f"cannot write {str(target)!r}: {str(existing)!r} is a file, not a directory")
+    if existing == folder:
+        try:  # create and remove a probe: the only test that sees ACLs, read-only mounts and immutable bits
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".probe", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise _write_failed(target, exc) from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {str(target)!r}: cannot create folders in {str(existing)!r} (permission denied)")
+    return target
+
+
 def write_output(output: Output, path: str | os.PathLike) -> list[Path]:
-    """Write ``output`` to ``path`` in the format of its kind; returns the files written."""
-    if output.kind not in _WRITERS:
-        raise ValueError(f"no writer for {output.kind!r} outputs (known: {', '.join(sorted(_WRITERS))})")
-    suffix, writer = _WRITERS[output.kind]
-    path = Path(path)
-    if path.suffix.lower() != suffix:
-        raise ValueError(f"{output.kind} outputs are written as {suffix} files, got {path}")
-    return writer(output, path)
+    """Write ``output`` to ``path`` in the format of its kind; returns the files written.
+    Non-finite values are refused (:class:`OutputError`): a file of NaNs is never written."""
+    target = check_output_path(path, output.kind)
+    _, writer = _WRITERS[output.kind]
+    for name in ("images", "video", "audio"):
+        value = getattr(output, name)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise OutputError(f"{output.kind} output holds non-finite {name} (NaN or inf); {target} was not written")
+    return writer(output, target)

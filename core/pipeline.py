@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .compile import CompileReport, compile_components
-from .errors import CompileError, InputError
+from . import guards
+from .errors import CompileError, GenerationError, InputError
 from .outputs import Output
 from .sampler import euler_step, guide, noise
 
@@ -137,15 +138,17 @@ class Pipeline:
         neg = args.get("negative_prompt")
         if neg is not None and not isinstance(neg, str):
             raise InputError(f"negative_prompt must be a string, got {type(neg).__name__}")
+        # every float argument (the plugin's own too) finite, every tensor/image argument non-empty
+        guards.check_finite_args(args)
         steps = args.get("num_inference_steps")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        if steps > guards.MAX_INFERENCE_STEPS:
+            raise InputError(f"num_inference_steps must be at most {guards.MAX_INFERENCE_STEPS}, got {steps!r}")
         scale = args.get("guidance_scale")
-        if not isinstance(scale, (int, float)) or scale < 0:
-            raise InputError(f"guidance_scale must be a number >= 0, got {scale!r}")
-        seed = args.get("seed")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise InputError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale < 0:
+            raise InputError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
+        guards.check_seed(args.get("seed"))
         generator = args.get("generator")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -156,6 +159,24 @@ class Pipeline:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
                 raise InputError(f"{key} must be a positive multiple of {multiple}, got {value!r}")
+        # last: the size rules above hold, so the estimate is of a request the model accepts
+        estimated = self.estimate_bytes(args)
+        if estimated:
+            frames = args.get("num_frames")
+            what = (f"{args.get('height')}x{args.get('width')}" + (f", {frames} frames" if frames else "")
+                    + f" with {type(self).__name__}")
+            guards.check_fits(int(estimated), self.device, what)
+
+    def estimate_bytes(self, args: dict[str, Any]) -> int:
+        """A lower bound of the peak memory one call with ``args`` takes on ``self.device``,
+        checked against the free memory before any work (0 disables the check). The base counts
+        the float32 output and one full-resolution activation of 16 channels; a plugin whose
+        decoder or attention is larger overrides this."""
+        h, w = args.get("height"), args.get("width")
+        if not isinstance(h, int) or not isinstance(w, int):
+            return 0
+        frames = args.get("num_frames") if isinstance(args.get("num_frames"), int) else 1
+        return 4 * h * w * max(1, frames) * (3 + 16)
 
     def __call__(
         self,
@@ -183,7 +204,16 @@ class Pipeline:
         args["generator"] = generator
         self.check_inputs(args)
         with torch.inference_mode():
-            return self.generate(progress=progress, **args)
+            output = self.generate(progress=progress, **args)
+        # one place for every plugin: a non-Output or non-finite result never reaches a writer
+        guards.check_output_tensors(output, plugin=self._plugin_name(), model=self._model_name())
+        return output
+
+    def _model_name(self) -> str:
+        return self.spec.name if self.spec is not None else type(self).__name__
+
+    def _plugin_name(self) -> str:
+        return getattr(self, "plugin_name", None) or type(self).__module__.split(".")[0]
 
     def generate(self, **args) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement generate()")
@@ -226,6 +256,10 @@ class Pipeline:
                 preds = {b: velocity(x, sigma, b, i) for b in branches}
             v = preds["cond"] if len(branches) == 1 else guide(preds["cond"], preds["uncond"], scale, cfg_rescale_dim)
             x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+            if not bool(torch.isfinite(x).all()):  # one reduction per step: stop at the first bad step
+                raise GenerationError(
+                    f"{self._model_name()}: the latent became non-finite (NaN or inf) at denoising step {i + 1} of "
+                    f"{steps} (sigma {float(sigma):.4g}); nothing was written", step=i + 1)
         return x
 
     def progress_bar(self, iterable, *, progress: bool | None = None, desc: str = ""):

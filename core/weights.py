@@ -34,6 +34,8 @@ class Checkpoint:
     shapes: dict[str, tuple[int, ...]]
     _where: dict[str, Path]
     _torch_sd: dict | None = None
+    dtypes: dict[str, object] | None = None
+    """key -> dtype (a ``torch.dtype`` for ``.pth``, the safetensors code such as ``"BF16"``)."""
 
     def tensor(self, key: str) -> torch.Tensor:
         if self._torch_sd is not None:
@@ -59,14 +61,53 @@ class Checkpoint:
         return out
 
 
-def _read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0", "F4"}
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on the JSON header
 
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes and dtypes from a safetensors header, read as plain bytes (nothing is mapped), with
+    every tensor's declared byte range checked against the file's size: a header declaring a
+    tensor beyond the file (truncated, or crafted to make the loader map terabytes) is refused
+    here, naming the key."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > min(_HEADER_LIMIT, size - 8):
+                raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise WeightsError(f"cannot read safetensors file {path}: {exc} (truncated or not a safetensors file?)") from exc
+    data = size - 8 - n
+    shapes, dtypes = {}, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"safetensors file {path}: key {key!r} has a malformed header entry {info!r}") from exc
+        if not 0 <= begin <= end <= data:
+            raise WeightsError(
+                f"safetensors file {path}: key {key!r} declares bytes {begin}..{end} but the file holds {data} bytes of "
+                f"data (truncated, or a header that does not match its data)"
+            )
+        shapes[key], dtypes[key] = shape, dtype
+    return shapes, dtypes
+
+
+def _is_float_dtype(dtype) -> bool:
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    return str(dtype).upper() in _SAFETENSORS_FLOAT
 
 
 def open_checkpoint(root: Path, wf: WeightFile) -> Checkpoint | None:
@@ -82,30 +123,36 @@ def open_checkpoint(root: Path, wf: WeightFile) -> Checkpoint | None:
         if not isinstance(sd, Mapping):
             raise WeightsError(f"checkpoint {path} holds a {type(sd).__name__}, expected a state dict")
         sd = dict(sd.get("state_dict", sd)) if "state_dict" in sd else dict(sd)
-        return Checkpoint([path], {k: tuple(v.shape) for k, v in sd.items()}, {k: path for k in sd}, sd)
+        tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        odd = sorted(set(sd) - set(tensors))
+        if odd:
+            raise WeightsError(f"checkpoint {path}: key {odd[0]!r} holds a {type(sd[odd[0]]).__name__}, not a tensor")
+        return Checkpoint([path], {k: tuple(v.shape) for k, v in tensors.items()}, {k: path for k in tensors}, tensors,
+                          {k: v.dtype for k, v in tensors.items()})
     index = path.with_name(path.name + ".index.json")
     if path.is_file():
-        shapes = _read_safetensors_header(path)
-        return Checkpoint([path], shapes, {k: path for k in shapes})
+        shapes, dtypes = _read_safetensors_header(path)
+        return Checkpoint([path], shapes, {k: path for k in shapes}, dtypes=dtypes)
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as exc:
             raise WeightsError(f"index {index} is not a safetensors index (needs a 'weight_map'): {exc}") from exc
-        shapes, where = {}, {}
+        shapes, where, dtypes = {}, {}, {}
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             shard_path = index.parent / shard
             if not shard_path.is_file():
                 raise WeightsError(f"shard {shard_path} named by {index} is missing")
-            header = _read_safetensors_header(shard_path)
+            header, header_dtypes = _read_safetensors_header(shard_path)
             for key, file in weight_map.items():
                 if file == shard:
                     if key not in header:
                         raise WeightsError(f"key {key!r} is listed in {index} for {shard} but that shard does not hold it")
                     shapes[key] = header[key]
+                    dtypes[key] = header_dtypes[key]
                     where[key] = shard_path
-        return Checkpoint([index.parent / s for s in shards], shapes, where)
+        return Checkpoint([index.parent / s for s in shards], shapes, where, dtypes=dtypes)
     return _missing(root, wf, also=index.name)
 
 
@@ -146,6 +193,10 @@ def _expected(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+def _expected_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in module.state_dict().items()}
+
+
 def check_layout(root: Path, wf: WeightFile, module: nn.Module) -> tuple[Checkpoint, dict[str, str]] | None:
     """Compare a checkpoint's keys and shapes with ``module`` (which may live on the meta device)."""
     ckpt = open_checkpoint(root, wf)
@@ -162,10 +213,18 @@ def check_layout(root: Path, wf: WeightFile, module: nn.Module) -> tuple[Checkpo
     if unexpected:
         names = [mapping[k] for k in unexpected]
         problems.append(f"unexpected keys ({len(names)}): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    want_dtypes = _expected_dtypes(module)
     for mk in sorted(set(expected) & set(mapping)):
         got = ckpt.shapes[mapping[mk]]
         if got != expected[mk]:
             problems.append(f"key {mapping[mk]!r} has shape {list(got)} in the checkpoint, the model expects {list(expected[mk])}")
+        # a float weight stored as integers or bools would be cast silently into garbage; another
+        # float type (bf16 for fp32) is a cast load_state_dict does once
+        have = (ckpt.dtypes or {}).get(mapping[mk])
+        if have is not None and want_dtypes[mk].is_floating_point and not _is_float_dtype(have):
+            name = str(have).removeprefix("torch.")
+            problems.append(f"key {mapping[mk]!r} in {ckpt._where[mapping[mk]]} has dtype {name}, the model expects a "
+                            f"floating dtype ({str(want_dtypes[mk]).removeprefix('torch.')})")
     if problems:
         raise WeightsError(f"checkpoint {where} does not fit component {wf.component!r}: " + "; ".join(problems))
     return ckpt, mapping
@@ -177,7 +236,11 @@ def load_component(root: Path, wf: WeightFile, module: nn.Module, checked=None) 
     if checked is None:
         return False
     ckpt, mapping = checked
-    tensors = ckpt.tensors(list(mapping.values()))
+    try:
+        tensors = ckpt.tensors(list(mapping.values()))
+    except (OSError, RuntimeError, ValueError) as exc:  # mapping refused (address-space limit), file changed
+        files = ", ".join(str(p) for p in ckpt.files[:3])
+        raise WeightsError(f"cannot map checkpoint {files} for component {wf.component!r}: {type(exc).__name__}: {exc}") from exc
     state = {mk: tensors[ck] for mk, ck in mapping.items()}
     with torch.no_grad():
         module.load_state_dict(state, strict=True)  # copies and casts into the module's own dtype

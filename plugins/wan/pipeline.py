@@ -150,7 +150,9 @@ class WanPipeline(Pipeline):
         for key in ("prompt", "negative_prompt"):
             text = args.get(key)
             if text:
-                tokens = len(self.prompt_encoder.tokenizer(clean_prompt(text), add_special_tokens=True)["input_ids"])
+                # verbose=False: counting a long prompt must not print the tokenizer's length warning
+                tokens = len(self.prompt_encoder.tokenizer(clean_prompt(text), add_special_tokens=True,
+                                                           verbose=False)["input_ids"])
                 if tokens > self.prompt_encoder.text_len:
                     raise InputError(f"{key} is {tokens} tokens (with EOS); umT5 takes at most {self.prompt_encoder.text_len}")
         n = args["num_frames"]
@@ -176,6 +178,8 @@ class WanPipeline(Pipeline):
         if self.task == "t2v":
             raise InputError("this text-to-video model takes no image=")
         if isinstance(image, torch.Tensor):
+            if image.numel() == 0:
+                raise InputError(f"image is empty, shape {tuple(image.shape)}")
             ok = image.dim() == 3 and image.shape[0] == 3 or image.dim() == 4 and tuple(image.shape[:2]) == (1, 3)
             if not ok or not image.is_floating_point():
                 raise InputError(f"image must be a float tensor (3,H,W) or (1,3,H,W), got {image.dtype} {tuple(image.shape)}")
@@ -183,6 +187,23 @@ class WanPipeline(Pipeline):
                 raise InputError(f"image values must lie in [0, 1], got [{image.min().item():.3g}, {image.max().item():.3g}]")
         elif not hasattr(image, "convert"):
             raise InputError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
+
+    def estimate_bytes(self, args: dict[str, Any]) -> int:
+        """Lower bound of the peak: the float32 video, the DiT's token activations (about ten
+        ``L × dim`` float tensors live per block) and, without tiling, the VAE decoder's last
+        stage (``dim`` channels at full resolution, input and output of a conv per frame chunk)."""
+        h, w, n = args.get("height"), args.get("width"), args.get("num_frames")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w, n)):
+            return 0
+        frames = (n - 1) // self.vae.temporal_stride + 1
+        s = self.vae.spatial_stride
+        tokens = frames * (h // s // self.patch[1]) * (w // s // self.patch[2])
+        dit = 10 * tokens * self.dit.config.dim * torch.finfo(self.dtype).bits // 8
+        video = 4 * 3 * n * h * w
+        convs = [m.weight for m in self.vae.decoder.modules() if getattr(m, "weight", None) is not None and m.weight.dim() == 5]
+        vae_dim = convs[-1].shape[1] if convs else 96  # input width of the last conv: full resolution
+        decode = 0 if args.get("tiled") else 2 * 4 * vae_dim * min(n, 4) * h * w
+        return video + max(dit, decode)
 
     # -- stages ---------------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> torch.Tensor:

@@ -248,6 +248,10 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+"""Either file lets transformers build the umT5 tokenizer (the published folder has both)."""
+
+
 def load_tokenizer(weights_dir: str | os.PathLike):
     """The Hugging Face tokenizer in ``<weights_dir>/google/umt5-xxl`` (padding on the right)."""
     from transformers import AutoTokenizer
@@ -257,7 +261,20 @@ def load_tokenizer(weights_dir: str | os.PathLike):
         from core.errors import WeightsError
 
         raise WeightsError(f"umT5 tokenizer folder {path!r} does not exist (expected {TOKENIZER_SUBDIR}/ in {weights_dir!r})")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    present = sorted(os.listdir(path))
+    if not any(name in present for name in TOKENIZER_FILES):
+        from core.errors import WeightsError
+
+        raise WeightsError(
+            f"umT5 tokenizer folder {path!r} holds {present or 'nothing'}; expected {' or '.join(TOKENIZER_FILES)} "
+            f"(with tokenizer_config.json and special_tokens_map.json), as in the google/umt5-xxl repository"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises ValueError/OSError/... without naming the folder
+        from core.errors import WeightsError
+
+        raise WeightsError(f"cannot load the umT5 tokenizer from {path!r}: {type(exc).__name__}: {exc}") from exc
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -353,7 +353,10 @@ class WanPatchEmbedding(nn.Conv3d):
     """Conv3d with kernel = stride = patch, returning tokens ``(B, L, D)`` in raster order."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(self.weight.dtype)).flatten(2).transpose(1, 2)
+        # A fresh (non-view) tensor: the blocks' compiled forward guards on whether its input is a
+        # view, and every later block gets the previous block's fresh output, so a view here
+        # would recompile the shared graph at the second block.
+        return super().forward(x.to(self.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,7 +94,6 @@ class WanPipeline(Pipeline):
     (``seed``) and the tokenizer is :func:`tiny_tokenizer`.
     """
 
-    compilable_models = ("dit",)
     defaults: dict[str, Any] = {
         "num_inference_steps": 50, "guidance_scale": 5.0, "guidance_scale_low": None, "height": 480, "width": 832,
         "num_frames": 81, "shift": 5.0, "fps": 16, "negative_prompt": NEGATIVE_PROMPT, "image": None,
@@ -130,7 +129,7 @@ class WanPipeline(Pipeline):
         tokenizer = load_tokenizer(weights) if weights is not None else tiny_tokenizer(t5_config.text_len)
         self.prompt_encoder = WanPromptEncoder(self.text_encoder, tokenizer, dit_config.text_len)
         self.patch = dit_config.patch_size
-        self.size_multiple = self.vae.spatial_stride * self.patch[1]
+        self.pixels_per_token = self.vae.spatial_stride * self.patch[1]
 
     # -- arguments ------------------------------------------------------------------------------
     def resolve(self, **kwargs) -> dict[str, Any]:
@@ -144,7 +143,7 @@ class WanPipeline(Pipeline):
 
     def check_inputs(self, args: dict[str, Any]) -> None:
         super().check_inputs(args)
-        m = self.size_multiple  # VAE stride × patch; the base class checked the multiple
+        m = self.pixels_per_token  # VAE stride × patch; the base class checked the spec's size multiple
         for key in ("height", "width"):
             if args[key] // m > 1024:
                 raise InputError(f"{key} {args[key]} gives {args[key] // m} tokens per axis; RoPE holds at most 1024")

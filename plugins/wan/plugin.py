@@ -144,7 +144,10 @@ def _conformance(task: str) -> Conformance:
     return Conformance(
         call=call,
         sizes={"height": SizeRange(min=multiple, max=3 * multiple, multiple=multiple),
-               "width": SizeRange(min=multiple, max=3 * multiple, multiple=multiple)},
+               "width": SizeRange(min=multiple, max=3 * multiple, multiple=multiple),
+               "num_frames": SizeRange(min=5, max=9, multiple=4, offset=1)},
+        # 9 frames → 3 latent frames, a 3×1 token grid: 9 tokens, remainder 1 on 2 and on 4 ranks
+        uneven_call={"num_frames": 9, "height": 3 * multiple, "width": multiple},
         bad_inputs=bad,
     )
 

@@ -322,3 +322,22 @@ def test_dynamo_one_graph_across_resolutions_and_steps():
             out = compiled(x, torch.tensor([step]), torch.randn(1, 512, cfg.text_dim))
             assert out.shape == x.shape
     assert counter.frame_count == 1
+
+
+@pytest.mark.slow
+def test_regional_compile_holds_one_block_graph_from_the_first_call():
+    """Three blocks share one compiled forward, with no recompilation at the second instance.
+
+    Called directly under ``no_grad`` (as a DiffSynth-style user would call the DiT), dynamo
+    guards on whether the block input is a view; the patch embedding returns a fresh tensor so
+    that the first block's input looks like every later block's input.
+    """
+    from core.compile import compile_components
+
+    cfg = WanDiTConfig.tiny("t2v", num_layers=3)
+    model = WanModel(cfg).eval()
+    torch._dynamo.reset()
+    report = compile_components({"dit": model}, repeated_blocks={}, methods={}, options={"dynamic": True})
+    with torch.no_grad():
+        model(torch.randn(1, 16, 2, 4, 6), torch.tensor([900.0]), torch.randn(1, 512, cfg.text_dim))
+    assert report.graphs() == {"dit:WanAttentionBlock": 1}

@@ -274,25 +274,45 @@ def _uncovered(model: nn.Module, found) -> None:
         )
 
 
-def _pass_text_len(block, args, kwargs):
+def _standard_strides(t: torch.Tensor) -> torch.Tensor:
+    # ``.contiguous()`` keeps a slice whose batch dim is 1 (its stride does not count), but dynamo
+    # guards on that stride too
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.insert(0, step)
+        step *= size
+    return t if list(t.stride()) == expected else t.clone(memory_format=torch.contiguous_format)
+
+
+def _flux_single_block_inputs(block, args, kwargs):
     # Flux's single-stream block joins [text, image] before its attention, which then no longer
     # knows where the text ends; the joint site needs it (``text_len``), so pass it in the block's
-    # joint_attention_kwargs, which the block forwards to the processor.
+    # joint_attention_kwargs, which the block forwards to the processor. The block also returns
+    # its two streams as slices of one tensor, so the next block would see other strides than the
+    # first and recompile (one graph per block class is the claim): hand it contiguous copies.
+    names = ("hidden_states", "encoder_hidden_states")
+    args = list(args)
+    for i, name in enumerate(names):
+        if name in kwargs and isinstance(kwargs[name], torch.Tensor):
+            kwargs[name] = _standard_strides(kwargs[name])
+        elif i < len(args) and isinstance(args[i], torch.Tensor):
+            args[i] = _standard_strides(args[i])
     text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     if text is None:
-        return None
+        return tuple(args), kwargs
     if len(args) > 4:  # joint_attention_kwargs passed positionally (gradient checkpointing)
-        args = (*args[:4], {**(args[4] or {}), "text_len": text.shape[1]}, *args[5:])
+        args[4] = {**(args[4] or {}), "text_len": text.shape[1]}
     else:
         kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), "text_len": text.shape[1]}
-    return args, kwargs
+    return tuple(args), kwargs
 
 
 def route_attention(model: nn.Module) -> dict[str, str]:
     """Route every attention module of the diffusers ``model`` through :func:`core.attention.attention`.
 
     Swaps each covered diffusers processor for ditkit's equivalent (same outputs without USP) and
-    hooks Flux's single-stream blocks to pass their text length. Idempotent. Raises
+    hooks Flux's single-stream blocks to pass their text length (and contiguous inputs, so their
+    one compiled graph serves every instance). Idempotent. Raises
     :class:`core.errors.PluginError` naming every attention module whose processor is not covered
     (under USP an unrouted attention would run on split tokens and be silently wrong).
     Returns ``{module path: processor class name}`` of the routed modules.
@@ -308,7 +328,7 @@ def route_attention(model: nn.Module) -> dict[str, str]:
         routed[path] = cls.__name__
     for module in model.modules():
         if isinstance(module, transformer_flux.FluxSingleTransformerBlock) and not getattr(module, "_ditkit_text_len", False):
-            module.register_forward_pre_hook(_pass_text_len, with_kwargs=True)
+            module.register_forward_pre_hook(_flux_single_block_inputs, with_kwargs=True)
             module._ditkit_text_len = True
     return routed
 

@@ -41,7 +41,9 @@ class DiffusersFluxPipeline(Pipeline):
         route_attention(self.transformer)  # every attention call of the transformer through core.attention
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         for module in self.components().values():
-            module.to(device=device, dtype=dtype).eval()
+            module.to(device=device).eval()
+            if dtype != torch.float32:  # (diffusers warns on every dtype cast, even a no-op one)
+                module.to(dtype=dtype)
 
     def check_inputs(self, args):
         super().check_inputs(args)

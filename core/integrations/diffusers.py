@@ -274,45 +274,49 @@ def _uncovered(model: nn.Module, found) -> None:
         )
 
 
-def _standard_strides(t: torch.Tensor) -> torch.Tensor:
-    # ``.contiguous()`` keeps a slice whose batch dim is 1 (its stride does not count), but dynamo
-    # guards on that stride too
+def _standalone(t):
+    """``t`` itself if it owns densely strided storage, else a copy that does. dynamo guards a
+    view's base and a tensor's strides (even a size-1 dim's), so a block class whose first
+    instance gets a view (a Linear's 3-d output, Flux's ``[text, image]`` slices) and later ones
+    fresh tensors would compile a second graph."""
+    if isinstance(t, tuple):
+        return tuple(_standalone(x) for x in t)
+    if not isinstance(t, torch.Tensor):
+        return t
     expected, step = [], 1
     for size in reversed(t.shape):
         expected.insert(0, step)
         step *= size
-    return t if list(t.stride()) == expected else t.clone(memory_format=torch.contiguous_format)
+    if t._base is None and list(t.stride()) == expected:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
-def _flux_single_block_inputs(block, args, kwargs):
+def _standalone_inputs(block, args, kwargs):
+    return tuple(_standalone(a) for a in args), {k: _standalone(v) for k, v in kwargs.items()}
+
+
+def _flux_single_block_text_len(block, args, kwargs):
     # Flux's single-stream block joins [text, image] before its attention, which then no longer
     # knows where the text ends; the joint site needs it (``text_len``), so pass it in the block's
-    # joint_attention_kwargs, which the block forwards to the processor. The block also returns
-    # its two streams as slices of one tensor, so the next block would see other strides than the
-    # first and recompile (one graph per block class is the claim): hand it contiguous copies.
-    names = ("hidden_states", "encoder_hidden_states")
-    args = list(args)
-    for i, name in enumerate(names):
-        if name in kwargs and isinstance(kwargs[name], torch.Tensor):
-            kwargs[name] = _standard_strides(kwargs[name])
-        elif i < len(args) and isinstance(args[i], torch.Tensor):
-            args[i] = _standard_strides(args[i])
+    # joint_attention_kwargs, which the block forwards to the processor.
     text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     if text is None:
-        return tuple(args), kwargs
+        return None
     if len(args) > 4:  # joint_attention_kwargs passed positionally (gradient checkpointing)
-        args[4] = {**(args[4] or {}), "text_len": text.shape[1]}
+        args = (*args[:4], {**(args[4] or {}), "text_len": text.shape[1]}, *args[5:])
     else:
         kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), "text_len": text.shape[1]}
-    return tuple(args), kwargs
+    return args, kwargs
 
 
 def route_attention(model: nn.Module) -> dict[str, str]:
     """Route every attention module of the diffusers ``model`` through :func:`core.attention.attention`.
 
     Swaps each covered diffusers processor for ditkit's equivalent (same outputs without USP) and
-    hooks Flux's single-stream blocks to pass their text length (and contiguous inputs, so their
-    one compiled graph serves every instance). Idempotent. Raises
+    hooks Flux's single-stream blocks to pass their text length. Also hooks the blocks of the
+    model's ``_repeated_blocks`` to receive inputs that are not views (a copy where one is), so
+    regional compile keeps one graph per block class. Idempotent. Raises
     :class:`core.errors.PluginError` naming every attention module whose processor is not covered
     (under USP an unrouted attention would run on split tokens and be silently wrong).
     Returns ``{module path: processor class name}`` of the routed modules.
@@ -326,10 +330,15 @@ def route_attention(model: nn.Module) -> dict[str, str]:
         if not isinstance(module.processor, cls):
             module.set_processor(cls())
         routed[path] = cls.__name__
+    blocks = set(getattr(type(model), "_repeated_blocks", None) or ())
     for module in model.modules():
-        if isinstance(module, transformer_flux.FluxSingleTransformerBlock) and not getattr(module, "_ditkit_text_len", False):
-            module.register_forward_pre_hook(_flux_single_block_inputs, with_kwargs=True)
-            module._ditkit_text_len = True
+        if getattr(module, "_ditkit_routed", False):
+            continue
+        if isinstance(module, transformer_flux.FluxSingleTransformerBlock):
+            module.register_forward_pre_hook(_flux_single_block_text_len, with_kwargs=True)
+        if type(module).__name__ in blocks:  # one compiled graph for every instance (see _standalone)
+            module.register_forward_pre_hook(_standalone_inputs, with_kwargs=True)
+        module._ditkit_routed = True
     return routed
 
 

@@ -47,3 +47,46 @@ def run(cases: list[str], degrees: list[tuple[int, int]]) -> dict:
             results[f"{name} image tokens"] = (layout.total, layout.total % layout.world)
     results["world"] = dist.get_world_size()
     return results
+
+
+COMPILE = {"wan": (_tiny.wan, lambda h, w: _tiny.wan_inputs(1, h, w)),
+           "qwen": (_tiny.qwen, lambda h, w: _tiny.qwen_inputs(h, w))}
+
+
+def compile_vs_eager(name: str) -> dict:
+    """Regional compile of the routed model (its diffusers ``_repeated_blocks``): the error against
+    eager at three image sizes, graphs per block class, and whether a later size recompiled."""
+    from core.compile import compile_components
+    from core.integrations.diffusers import route_attention
+
+    build, inputs = COMPILE[name]
+    eager, compiled = build(), build()
+    for m in (eager, compiled):
+        route_attention(m)
+    report = compile_components({"transformer": compiled}, repeated_blocks={}, methods={},
+                                options={"dynamic": True, "fullgraph": False})
+    out = {"parts": [(p.how, p.target, p.instances) for p in report.parts], "errors": [], "recompiled": "no"}
+    with torch.no_grad():
+        x = inputs(3, 5)
+        out["errors"].append(rel_err(compiled(**x)[0], eager(**x)[0]))
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                for h, w in [(2, 3), (4, 4)]:
+                    x = inputs(h, w)
+                    out["errors"].append(rel_err(compiled(**x)[0], eager(**x)[0]))
+        except RuntimeError as exc:
+            out["recompiled"] = str(exc)[-300:]
+    out["graphs"] = report.graphs()  # counted from the first call: 1 per block class
+    return out
+
+
+def two_ranks(cases: list[str], degrees: list[tuple[int, int]], compile_per_rank: list[str]) -> dict:
+    """The 2-rank USP cases, then each rank compiles one model (local work, no collectives), so the
+    compile checks share the job's process start-up and run side by side."""
+    results = run(cases, degrees)
+    name = compile_per_rank[dist.get_rank()]
+    results["compile"] = {name: compile_vs_eager(name)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results["compile"])
+    results["compile"] = {k: v for part in gathered for k, v in part.items()}
+    return results

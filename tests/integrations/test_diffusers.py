@@ -102,29 +102,6 @@ def test_plan_entries_that_cannot_be_expressed_are_named(monkeypatch):
         di.usp_from_cp_plan(model)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["wan", "qwen"])
-def test_compile_equals_eager_without_recompiles(name):
-    from core.compile import compile_components
-
-    build, inputs = {"wan": (_tiny.wan, lambda h, w: _tiny.wan_inputs(1, h, w)),
-                     "qwen": (_tiny.qwen, lambda h, w: _tiny.qwen_inputs(h, w))}[name]
-    eager, compiled = build(), build()
-    for m in (eager, compiled):
-        di.route_attention(m)
-    torch._dynamo.reset()
-    report = compile_components({"transformer": compiled}, repeated_blocks={}, methods={},
-                                options={"dynamic": True, "fullgraph": False})
-    assert [p.how for p in report.parts] == ["regional"]
-    with torch.no_grad():
-        x = inputs(3, 5)
-        assert rel_err(compiled(**x)[0], eager(**x)[0]) <= 1e-5
-        with torch.compiler.set_stance("fail_on_recompile"):
-            for h, w in [(2, 3), (4, 4)]:
-                x = inputs(h, w)
-                assert rel_err(compiled(**x)[0], eager(**x)[0]) <= 1e-5
-
-
 def _check(results: dict, cases, degrees, world: int) -> None:
     assert results["world"] == world
     for name in cases:
@@ -136,11 +113,21 @@ def _check(results: dict, cases, degrees, world: int) -> None:
 
 
 @pytest.mark.slow
-def test_usp_two_ranks_equals_one_process():
+def test_usp_two_ranks_equals_one_process_and_compile_equals_eager():
     """Flux (text 7, split in diffusers' plan, replicated here), Wan (both timestep layouts) and
-    Qwen-Image on 2 ranks, Ulysses and ring, 15 image tokens."""
+    Qwen-Image on 2 ranks, Ulysses and ring, 15 image tokens. In the same job (one process
+    start-up) rank 0 compiles Wan and rank 1 Qwen-Image: compiled == eager at three sizes, one
+    graph per block class, no recompilation after the first size."""
     cases, degrees = list(_workers.CASES), [(2, 1), (1, 2)]
-    _check(launch(_workers.run, 2, args=(cases, degrees), timeout=240), cases, degrees, 2)
+    results = launch(_workers.two_ranks, 2, args=(cases, degrees, ["wan", "qwen"]), timeout=300)
+    _check(results, cases, degrees, 2)
+    blocks = {"wan": "WanTransformerBlock", "qwen": "QwenImageTransformerBlock"}
+    for name, got in results["compile"].items():
+        assert got["parts"] == [("regional", blocks[name], 2)], got["parts"]
+        assert got["recompiled"] == "no", f"{name}: {got['recompiled']}"
+        assert got["graphs"] == {f"transformer:{blocks[name]}": 1}, got["graphs"]
+        assert len(got["errors"]) == 3 and max(got["errors"]) <= 1e-5, f"{name}: compiled vs eager {got['errors']}"
+    assert set(results["compile"]) == {"wan", "qwen"}
 
 
 @pytest.mark.slow

@@ -132,5 +132,6 @@ def test_usp_two_ranks_equals_one_process_and_compile_equals_eager():
 
 @pytest.mark.slow
 def test_usp_four_ranks_equals_one_process():
-    cases, degrees = ["wan", "qwen"], [(2, 2)]
+    """Ulysses 2 × ring 2: 15 image tokens (remainder 3), Flux's 7 and Qwen-Image's 6 text tokens."""
+    cases, degrees = ["flux", "wan", "qwen"], [(2, 2)]
     _check(launch(_workers.run, 4, args=(cases, degrees), timeout=240), cases, degrees, 4)

@@ -45,6 +45,23 @@ def wan(seed: int = 0):
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32), seed)
 
 
+def wan_i2v(seed: int = 0):
+    """Wan 2.1 I2V: the image context (CLIP tokens) goes through extra K/V projections."""
+    from diffusers import WanTransformer3DModel
+
+    return _seeded(lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32, image_dim=8,
+        added_kv_proj_dim=HEADS * 12), seed)
+
+
+def wan_i2v_inputs(f: int, h: int, w: int, seed: int = 1) -> dict:
+    # diffusers' Wan I2V processor takes the last 512 context tokens as text, the rest as image
+    x = wan_inputs(f, h, w, text=512, seed=seed)
+    x["encoder_hidden_states_image"] = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(seed + 1))
+    return x
+
+
 def wan_inputs(f: int, h: int, w: int, text: int = 5, seed: int = 1, per_token_t: bool = False) -> dict:
     """Latents (1, 4, f, 2h, 2w): f·h·w tokens after the (1, 2, 2) patch."""
     g = torch.Generator().manual_seed(seed)

@@ -34,6 +34,7 @@ def test_importing_core_never_imports_diffusers():
 PARITY = {
     "flux": (_tiny.flux, lambda: _tiny.flux_inputs(3, 5), {"FluxAttnProcessor": 3}),
     "wan": (_tiny.wan, lambda: _tiny.wan_inputs(1, 3, 5), {"WanAttnProcessor": 4}),
+    "wan-i2v": (_tiny.wan_i2v, lambda: _tiny.wan_i2v_inputs(1, 3, 5), {"WanAttnProcessor": 2}),
     "qwen": (_tiny.qwen, lambda: _tiny.qwen_inputs(3, 5), {"QwenDoubleStreamAttnProcessor": 2}),
     "sd3": (_tiny.sd3, lambda: _tiny.sd3_inputs(3, 5), {"JointAttnProcessor": 2}),
     "sd3.5-dual": (lambda: _tiny.sd3(dual=True), lambda: _tiny.sd3_inputs(3, 5), {"JointAttnProcessor": 3}),

@@ -367,6 +367,16 @@ def check_determinism(subject: Subject, opts: KitOptions) -> None:
         fail(f"two runs with seed 11 should give identical output; max difference {(a - b).abs().max().item():.3g}")
     if torch.equal(a, c):
         fail("seeds 11 and 12 should give different outputs; they are identical")
+    caps = subject.spec.capabilities
+    if caps.cfg and caps.negative_prompt:
+        # the declared negative-prompt support must reach the model: another negative prompt under
+        # guidance changes the output
+        base = subject.call_args(seed=11, guidance_scale=3.0)
+        d = pipe(PROMPT, **base, negative_prompt="blurry, low quality").tensor()
+        e = pipe(PROMPT, **base, negative_prompt="a bright sunny beach").tensor()
+        if torch.equal(d, e):
+            fail("capabilities.negative_prompt is True, but two different negative prompts at guidance 3.0 "
+                 "gave identical output")
 
 
 _RANGES = {"image": (0.0, 1.0), "video": (0.0, 1.0), "video+audio": (0.0, 1.0), "audio": (-1.0, 1.0)}
@@ -399,6 +409,8 @@ def check_bad_input(subject: Subject, opts: KitOptions) -> None:
              ("a zero step count", PROMPT, {"num_inference_steps": 0}),
              (f"a height that is not a multiple of {multiple}", PROMPT, {"height": multiple * 2 + multiple // 2}),
              (f"a width that is not a multiple of {multiple}", PROMPT, {"width": multiple * 2 + multiple // 2})]
+    if not spec.capabilities.image_input:
+        cases.append(("an image for a model without image input", PROMPT, {"image": torch.zeros(3, multiple, multiple)}))
     if spec.capabilities.max_prompt_tokens:
         cases.append(("an over-long prompt", "word " * (4 * spec.capabilities.max_prompt_tokens), {}))
     cases += [(f"{extra}", PROMPT, extra) for extra in spec.conformance.bad_inputs]

@@ -122,6 +122,13 @@ class QwenImagePipeline(Pipeline):
                              f"rotary positions past {ROPE_POSITIONS}")
 
     # -- stages ---------------------------------------------------------------------------------
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """The σ grid (``num_inference_steps + 1`` values, last 0) for an image of ``height × width``:
+        the dynamic shift of ``scheduler/scheduler_config.json`` at ``(H/16)·(W/16)`` image tokens."""
+        tokens = (height // (8 * self.patch)) * (width // (8 * self.patch))
+        return dynamic_shift_sigmas(num_inference_steps, tokens, base_seq_len=256, max_seq_len=8192,
+                                    base_shift=0.5, max_shift=0.9, shift_terminal=0.02)
+
     def encode_prompt(self, text: str) -> torch.Tensor:
         """``(1, L, 3584)``: the prompt's real tokens after the template prefix."""
         return self.prompt_encoder.encode(text, self.device)
@@ -141,7 +148,7 @@ class QwenImagePipeline(Pipeline):
             context["uncond"] = self.encode_prompt(negative_prompt)
         h, w = height // 8, width // 8
         x = pack_latents(self.noise((1, self.vae.z_dim, h, w), seed, generator=generator), self.patch)
-        sigmas = dynamic_shift_sigmas(num_inference_steps, (h // self.patch) * (w // self.patch))
+        sigmas = self.sigmas(num_inference_steps, height, width)
         dit = self.transformer
         dtype = dit.img_in.weight.dtype
 

@@ -20,6 +20,7 @@ The VAE is :class:`plugins.wan.vae.WanVAE` (the same architecture), filled from 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -40,6 +41,16 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 }
 """``aspect_ratio`` → ``(height, width)``: the official README's sizes. Its 4:3 / 3:4 entry says
 1140, which is not a multiple of 16; diffusers rounds it down to 1136, which is what is listed."""
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def vae_kwargs(vae_config: dict) -> dict:
@@ -83,11 +94,15 @@ class QwenImagePipeline(Pipeline):
         self.dit_config, self.text_config, self.vae_config = dit_config, text_config, dict(vae_json)
         self.text_json = dict(text_json)
 
-        with torch.random.fork_rng(devices=[]):  # seeded random weights without touching the caller's RNG
+        # Seeded random weights without touching the caller's RNG, created in their final dtype so a
+        # 20 B model never exists in float32 on the way to bfloat16 (core.load fills them in place).
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.text_encoder = build_text_model(text_config)
-            self.transformer = QwenImageTransformer(dit_config)
-            self.vae = WanVAE(**vae_kwargs(vae_json))
+            with _default_dtype(dtype):
+                self.text_encoder = build_text_model(text_config)
+                self.transformer = QwenImageTransformer(dit_config)
+            with _default_dtype(vae_dtype):
+                self.vae = WanVAE(**vae_kwargs(vae_json))
         # the published per-channel latent statistics (the same numbers as Wan2.1's)
         self.vae.latents_mean = tuple(vae_json.get("latents_mean", WAN21_LATENTS_MEAN))
         self.vae.latents_std = tuple(vae_json.get("latents_std", WAN21_LATENTS_STD))

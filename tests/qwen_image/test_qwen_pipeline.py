@@ -35,7 +35,18 @@ def _rel(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def pipe():
-    return core.load("qwen-image", device="cpu", dtype=torch.float32)
+    """The tiny pipeline with a stronger text path: with the default init the prompt moves the
+    velocity by ~1 %, too little for the CFG rescale to show at 1e-5. Sharper attention (q/k norm
+    weights ×3), larger text values and modulation make it ~20 %."""
+    pipe = core.load("qwen-image", device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for block in pipe.transformer.transformer_blocks:
+            attn = block.attn
+            for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k):
+                norm.weight.mul_(3)
+            attn.add_v_proj.weight.mul_(4)
+            block.img_mod[1].weight.mul_(3)
+    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +136,9 @@ def test_matches_diffusers_pipeline(pipe, reference, h, w, cfg):
     assert ours.shape == want.shape == (1, 3, h, w)
     assert ours.std() > 0.01  # not a flat image
     assert _rel(ours, want) <= REL_TOL
+    if cfg > 1:  # guidance (and so its rescale) matters at this size: CFG off differs by far more
+        plain = pipe(PROMPT, num_inference_steps=3, height=h, width=w, guidance_scale=1.0, seed=seed, progress=False)
+        assert _rel(plain.tensor(), want) > 0.05
 
 
 def test_sizes_refused_before_any_work(pipe, monkeypatch):

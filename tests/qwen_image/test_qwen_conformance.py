@@ -8,19 +8,13 @@ import pytest
 import torch
 
 from core.testing import PluginConformance
-from core.testing.checks import KitOptions, _compiled
+from core.testing.checks import _compiled
 
 pytestmark = pytest.mark.slow
 
 
 class TestQwenImage(PluginConformance):
     model_name = "qwen-image"
-
-    @pytest.fixture
-    def ditkit_options(self, request) -> KitOptions:
-        # one Hypothesis size per shape check (the uneven call is always added) keeps the file
-        # within its CI budget; `ditkit check qwen-image` runs the default two
-        return KitOptions(max_examples=1, usp_world=request.config.getoption("ditkit_usp_world", 2))
 
     def test_no_recompile_across_prompt_lengths(self, ditkit_subject):
         """After one warm-up call, prompts of 1 to ~40 tokens, CFG on and off and three sizes

@@ -187,6 +187,7 @@ def test_dac_matches_diffsynth(ds):
         z = ours.encode(audio)
         assert z.shape == (1, 128, 5)
         assert rel(z, z_ref) <= RTOL
+        assert ours.decode(z_ref).shape[-1] == 960 * 5  # exactly hop · L samples before trimming
         wave = ours.decode(z_ref, 4321)
         wave_ref = ref.decode(z_ref)
         assert wave_ref.shape[-1] == 960 * 5 and wave.shape == (1, 1, 4321)

@@ -4,9 +4,9 @@ A Wan 1.3B-shaped DiT over audio latents: one token per latent frame (20 ms at 4
 960), so the patch embedding is a ``Conv1d(128 → D, kernel 1)``; rotary positions are 1-D
 (positions 0..L−1 over the *whole* head dim, interleaved pairs, ω_j = 10000^(−2j/d), table of
 16384 positions); the head maps back to 128 channels.  Blocks, text cross-attention, time
-embedding and head are :mod:`plugins.wan.dit`'s own classes, so ``state_dict()`` is the
-published key set (825 tensors for the release config) and the compile engine shares one
-graph per block class with the video towers.
+embedding and head are :mod:`plugins.wan.dit`'s own classes (the block through a subclass with
+its own ``forward`` code, so its compiled graph stays apart from the wider video blocks'), so
+``state_dict()`` is the published key set (825 tensors for the release config).
 
 The release ``config.json`` says ``vae_type: "dac"``; the official class defaults to
 ``"oobleck"`` (a legacy table that rotates only part of the head dim). Only ``"dac"`` is
@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from plugins.wan.dit import WanAttentionBlock, WanHead, WanTimestepFeatures
 
-__all__ = ["AudioDiTConfig", "AUDIO_DIT_RELEASE", "WanAudioModel", "AudioRotary", "AudioStream"]
+__all__ = ["AudioDiTConfig", "AUDIO_DIT_RELEASE", "WanAudioModel", "WanAudioBlock", "AudioRotary", "AudioStream"]
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,19 @@ class AudioStream:
     """The full audio length in tokens (every rank sees the same value under USP)."""
 
 
+class WanAudioBlock(WanAttentionBlock):
+    """Wan's block (same modules, keys and math) as its own class with its own ``forward`` code:
+    the compile engine keeps one graph per block class, and the audio blocks' widths differ from
+    the video towers', so sharing :class:`WanAttentionBlock`'s graph would mean a recompile."""
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, e0, context, rope)
+
+
 class WanAudioModel(nn.Module):
     """The MOVA audio DiT; ``state_dict()`` equals the published ``audio_dit`` keys and shapes."""
 
-    _repeated_blocks = ("WanAttentionBlock",)
+    _repeated_blocks = ("WanAudioBlock",)
 
     def __init__(self, config: AudioDiTConfig):
         super().__init__()
@@ -145,7 +154,7 @@ class WanAudioModel(nn.Module):
         self.time_features = WanTimestepFeatures(c.freq_dim)
         self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
-        self.blocks = nn.ModuleList(WanAttentionBlock(c.dim, c.ffn_dim, c.num_heads, c.eps) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(WanAudioBlock(c.dim, c.ffn_dim, c.num_heads, c.eps) for _ in range(c.num_layers))
         self.head = WanHead(c.dim, c.out_dim, c.eps)
 
     @property

@@ -234,11 +234,26 @@ class ConditionalCrossAttentionBlock(nn.Module):
         return self.inner(x, y, x_rope, y_rope)
 
 
+class AudioToVideoBlock(ConditionalCrossAttentionBlock):
+    """a2v (x = video, y = audio): its own class and ``forward`` code, so the compile engine holds one
+    graph per direction (the two directions have different widths)."""
+
+    def forward(self, x, y, x_rope=None, y_rope=None):
+        return super().forward(x, y, x_rope, y_rope)
+
+
+class VideoToAudioBlock(ConditionalCrossAttentionBlock):
+    """v2a (x = audio, y = video); see :class:`AudioToVideoBlock`."""
+
+    def forward(self, x, y, x_rope=None, y_rope=None):
+        return super().forward(x, y, x_rope, y_rope)
+
+
 class DualTowerConditionalBridge(nn.Module):
     """Both conditioners per interaction layer; ``state_dict()`` is the published key set
     (``audio_to_video_conditioners.{i}.*``, ``video_to_audio_conditioners.{i}.*``)."""
 
-    _repeated_blocks = ("ConditionalCrossAttentionBlock",)
+    _repeated_blocks = ("AudioToVideoBlock", "VideoToAudioBlock")
 
     def __init__(self, config: BridgeConfig):
         super().__init__()
@@ -246,10 +261,10 @@ class DualTowerConditionalBridge(nn.Module):
         self.video_rope = VideoPositions(c.head_dim, c.audio_fps, c.apply_first_frame_bias_in_rope)
         self.audio_rope = AudioPositions(c.head_dim)
         self.audio_to_video_conditioners = nn.ModuleDict({
-            str(i): ConditionalCrossAttentionBlock(c.visual_hidden_dim, c.audio_hidden_dim, c.a2v_heads, "a2v", c.eps)
+            str(i): AudioToVideoBlock(c.visual_hidden_dim, c.audio_hidden_dim, c.a2v_heads, "a2v", c.eps)
             for i in c.layers})
         self.video_to_audio_conditioners = nn.ModuleDict({
-            str(i): ConditionalCrossAttentionBlock(c.audio_hidden_dim, c.visual_hidden_dim, c.v2a_heads, "v2a", c.eps)
+            str(i): VideoToAudioBlock(c.audio_hidden_dim, c.visual_hidden_dim, c.v2a_heads, "v2a", c.eps)
             for i in c.layers})
 
     @property

@@ -226,8 +226,8 @@ def model_spec(name: str) -> ModelSpec:
         weights=_layout(repo),
         # The VAEs are left out (as for Wan: the causal chunk loop unrolls per latent frame count).
         compilable_models=towers + ["dual_tower_bridge"],
-        repeated_blocks={**{t: ["WanAttentionBlock"] for t in towers},
-                         "dual_tower_bridge": ["ConditionalCrossAttentionBlock"]},
+        repeated_blocks={"video_dit": ["WanAttentionBlock"], "video_dit_2": ["WanAttentionBlock"],
+                         "audio_dit": ["WanAudioBlock"], "dual_tower_bridge": ["AudioToVideoBlock", "VideoToAudioBlock"]},
         usp=[wan_usp("video_dit", per_token_t=False), wan_usp("video_dit_2", per_token_t=False),
              wan_usp("audio_dit", per_token_t=False), _bridge_usp()],
         conformance=_conformance(),

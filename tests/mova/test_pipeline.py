@@ -222,3 +222,21 @@ def test_output_writes_mp4_with_sound_and_wav(output, tmp_path):
 
     with wave.open(str(wav[0])) as w:
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (48000, 1, 18000)
+
+
+def test_bridge_adapter_leaves_its_sequences_split_only_when_declared():
+    """The bridge receives and returns split streams; without ``stays_split`` the adapter would be
+    refused for splits that are never gathered, and ``stays_split`` must name split sequences."""
+    from pydantic import ValidationError
+
+    from core.spec import UspAdapter
+
+    spec = core.get_registry().model("mova").spec
+    bridge = next(a for a in spec.usp if a.component == "dual_tower_bridge")
+    assert bridge.gathers == [] and sorted(bridge.stays_split) == ["audio", "video"]
+    assert {s.strategy for s in bridge.sites.values()} == {"gather_kv"}
+    fields = bridge.model_dump()
+    with pytest.raises(ValidationError, match="never gathered"):
+        UspAdapter(**{**fields, "stays_split": []})
+    with pytest.raises(ValidationError, match="stays_split"):
+        UspAdapter(**{**fields, "stays_split": ["video", "audio", "text"]})

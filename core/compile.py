@@ -39,12 +39,14 @@ class CompileReport:
 
     parts: list[CompiledPart] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+    """Where compiled kernels are cached across processes (see :func:`persistent_cache_dir`)."""
 
     def components(self) -> list[str]:
         return sorted({p.component for p in self.parts})
 
     def to_dict(self) -> dict:
-        return {"options": self.options,
+        return {"options": self.options, "cache_dir": self.cache_dir,
                 "parts": [{k: v for k, v in asdict(p).items() if k != "code"} for p in self.parts]}
 
     def graphs(self) -> dict[str, int]:
@@ -130,6 +132,32 @@ def _block_classes(name: str, module: nn.Module, cls_name: str) -> tuple[type, l
     return cls, [m for m in module.modules() if type(m) is cls]
 
 
+def persistent_cache_dir() -> str | None:
+    """Point inductor's on-disk cache (compiled kernels, FX graphs, AOTAutograd) at a directory that
+    outlives the process, keyed by torch version, unless the user chose one.
+
+    PyTorch's default lives under the temp directory (``/tmp/torchinductor_<user>``), which is
+    emptied on reboot and on many clusters per job; the cold first call then pays every kernel build
+    again. ``DITKIT_COMPILE_CACHE`` overrides the base directory (``off`` keeps PyTorch's default);
+    ``TORCHINDUCTOR_CACHE_DIR``, when set, always wins. Returns the directory in use (``None``
+    when left to PyTorch).
+    """
+    import os
+    from pathlib import Path
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    base = os.environ.get("DITKIT_COMPILE_CACHE")
+    if base is not None and base.strip().lower() in {"off", "0", "none", ""}:
+        return None
+    if base is None:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "ditkit")
+    path = os.path.join(base, "inductor", f"torch-{torch.__version__}")
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
 def compile_components(
     modules: dict[str, nn.Module],
     *,
@@ -138,7 +166,7 @@ def compile_components(
     options: dict,
 ) -> CompileReport:
     """Compile ``modules`` (component name -> module) and report what was compiled."""
-    report = CompileReport(options=dict(options))
+    report = CompileReport(options=dict(options), cache_dir=persistent_cache_dir())
     cache: dict = {}
     for name, module in modules.items():
         blocks = repeated_block_names(module, repeated_blocks.get(name, ()))

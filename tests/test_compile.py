@@ -137,3 +137,18 @@ def test_blocks_are_matched_by_class_object_not_by_name():
     report = compile_components({"m": model}, repeated_blocks={"m": ["Block"]}, methods={}, options={"backend": "eager"})
     assert report.parts[0].instances == 2 and all("forward" in b.__dict__ for b in model.blocks)
     assert "forward" not in model.other.__dict__
+
+
+def test_compiled_kernels_go_to_a_persistent_cache_keyed_by_torch_version(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from core.compile import compile_components
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DITKIT_COMPILE_CACHE", str(tmp_path))
+    report = compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={}, options={"backend": "eager"})
+    expected = tmp_path / "inductor" / f"torch-{torch.__version__}"
+    assert report.cache_dir == str(expected) and cache_dir() == str(expected) and expected.is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
+    assert compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={},
+                              options={"backend": "eager"}).cache_dir == str(tmp_path / "mine")

@@ -222,7 +222,10 @@ def model_spec(name: str) -> ModelSpec:
                            config=tiny_config, random_weights=True, defaults=tiny_defaults),
             "small": Preset(description="a 4-layer DiT of width 512 (4 heads of 128) over the tiny VAE and umT5, "
                                         "seeded random weights: CPU benchmarks (ditkit bench)",
-                            config=_small(tiny_config), random_weights=True, defaults=tiny_defaults),
+                            config=_small(tiny_config), random_weights=True,
+                            # 160×240, 9 frames: 3 latent frames of 10×15 tokens (450 tokens)
+                            defaults={**tiny_defaults, "height": 160 * (2 if task == "ti2v" else 1),
+                                      "width": 240 * (2 if task == "ti2v" else 1), "num_frames": 9}),
             "official": Preset(description=f"the official checkpoint {repo}, official generation defaults",
                               config=real_config, defaults=defaults),
         },

@@ -240,3 +240,21 @@ def test_bridge_adapter_leaves_its_sequences_split_only_when_declared():
         UspAdapter(**{**fields, "stays_split": []})
     with pytest.raises(ValidationError, match="stays_split"):
         UspAdapter(**{**fields, "stays_split": ["video", "audio", "text"]})
+
+
+def test_text_encoder_key_map_covers_transformers_umt5():
+    """``text_encoder/`` in transformers ``UMT5EncoderModel`` names maps one to one onto Wan's umT5."""
+    from transformers import UMT5Config as HFConfig
+    from transformers import UMT5EncoderModel
+
+    from plugins.mova.plugin import umt5_key
+    from plugins.wan.text_encoder import UMT5Config, UMT5Encoder
+
+    c = UMT5Config.tiny()
+    hf_config = HFConfig(vocab_size=c.vocab_size, d_model=c.dim, d_kv=c.dim_attn // c.num_heads, d_ff=c.dim_ffn,
+                         num_heads=c.num_heads, num_layers=c.num_layers, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        hf = UMT5EncoderModel(hf_config).state_dict()
+        ours = UMT5Encoder(c).state_dict()
+    mapped = {umt5_key(k): tuple(v.shape) for k, v in hf.items() if umt5_key(k) is not None}
+    assert mapped == {k: tuple(v.shape) for k, v in ours.items()}

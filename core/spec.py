@@ -162,6 +162,11 @@ class UspAdapter(_Record):
     splits: list[SequenceSplit]
     gathers: list[SequenceGather]
     sites: dict[str, AttentionSite]
+    stays_split: list[str] = Field(default_factory=list)
+    """Sequences this component receives already split and returns split, so it declares no gather
+    for them: it runs inside other components' sequence-parallel passes (a bridge called between the
+    layers of two towers, which gather their own streams). Its splits of these sequences lay its own
+    full-length tensors (rotary tables) over the same token ranges as the streams it is given."""
 
     @model_validator(mode="after")
     def _sequences_consistent(self) -> "UspAdapter":
@@ -171,9 +176,12 @@ class UspAdapter(_Record):
         for g in self.gathers:
             if g.sequence not in split:
                 raise ValueError(f"gather of sequence {g.sequence!r}, which no split declares (splits: {sorted(split)})")
-        missing = split - {g.sequence for g in self.gathers}
+        unknown = set(self.stays_split) - split
+        if unknown:
+            raise ValueError(f"stays_split names sequence(s) {sorted(unknown)}, which no split declares")
+        missing = split - {g.sequence for g in self.gathers} - set(self.stays_split)
         if missing:
-            raise ValueError(f"split sequence(s) {sorted(missing)} are never gathered")
+            raise ValueError(f"split sequence(s) {sorted(missing)} are never gathered (nor declared stays_split)")
         for name, site in self.sites.items():
             for seq in (site.sequence, site.kv_sequence):
                 if seq is not None and seq not in split:

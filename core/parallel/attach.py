@@ -119,7 +119,7 @@ def attach_usp(
         components[adapter.component] = (adapter, component, component_heads(adapter, component, config))
     if mesh is None:
         mesh = init_mesh(
-            heads=[h for _, _, h in components.values()],
+            heads={name: h for name, (_, _, h) in components.items()},
             ulysses_degree=ulysses_degree,
             ring_degree=ring_degree,
             cfg_parallel=cfg_parallel,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -33,14 +33,29 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _heads(heads: int | Iterable[int] | None) -> int | None:
-    # Several components (two towers, ...) share one mesh: the Ulysses degree must divide them all.
+Heads = int | Iterable[int] | Mapping[str, int] | None
+"""One head count, several, or component name -> head count (named in errors)."""
+
+
+def _heads(heads: Heads) -> int | None:
+    # Several components (two towers, a bridge, ...) share one mesh: the Ulysses degree must
+    # divide every one of them, i.e. their gcd.
     if heads is None or isinstance(heads, int):
         return heads
-    return math.gcd(*heads)
+    values = list(heads.values()) if isinstance(heads, Mapping) else list(heads)
+    return math.gcd(*values) if values else None
 
 
-def valid_ulysses_degrees(sp_degree: int, heads: int | Iterable[int] | None) -> list[int]:
+def _describe_heads(heads: Heads) -> str:
+    """``"video_dit 40, audio_dit 12 attention heads"`` (each component's own count)."""
+    if isinstance(heads, Mapping):
+        return ", ".join(f"{name} {h}" for name, h in heads.items()) + " attention heads"
+    if heads is None or isinstance(heads, int):
+        return f"{heads} attention heads"
+    return "attention heads " + ", ".join(map(str, heads))
+
+
+def valid_ulysses_degrees(sp_degree: int, heads: Heads) -> list[int]:
     """The Ulysses degrees usable with ``sp_degree`` sequence-parallel ranks and ``heads`` heads."""
     heads = _heads(heads)
     return [d for d in _divisors(sp_degree) if heads is None or heads % d == 0]
@@ -48,7 +63,7 @@ def valid_ulysses_degrees(sp_degree: int, heads: int | Iterable[int] | None) -> 
 
 def plan_degrees(
     world_size: int,
-    heads: int | Iterable[int] | None = None,
+    heads: Heads = None,
     ulysses_degree: int | None = None,
     ring_degree: int | None = None,
     cfg_parallel: bool = False,
@@ -56,9 +71,12 @@ def plan_degrees(
     """Return ``(ulysses_degree, ring_degree)`` for ``world_size`` ranks, or raise :class:`ParallelError`.
 
     Unset degrees default to the largest Ulysses degree that divides both the sequence-parallel
-    degree and ``heads`` (every count, when several components share the mesh); the ring takes
-    the rest.
+    degree and ``heads`` (every count, when several components share the mesh: 40 and 12 heads
+    allow at most 4); the ring takes the rest. A requested Ulysses degree that some component's
+    heads do not divide is an error naming every component's head count (pass ``heads`` as a
+    mapping ``{component: heads}`` for the names).
     """
+    named = heads
     heads = _heads(heads)
     cfg = 2 if cfg_parallel else 1
     if world_size < 1 or world_size % cfg:
@@ -89,8 +107,9 @@ def plan_degrees(
         )
     if heads is not None and heads % ulysses_degree:
         raise ParallelError(
-            f"{heads} attention heads do not divide by Ulysses degree {ulysses_degree}; valid Ulysses "
-            f"degrees for {sp} sequence-parallel ranks: {valid} (the ring takes the rest)"
+            f"Ulysses degree {ulysses_degree} does not divide the heads of every component "
+            f"({_describe_heads(named)}); valid Ulysses degrees for {sp} sequence-parallel ranks: {valid} "
+            f"(the ring takes the rest)"
         )
     return ulysses_degree, ring_degree
 
@@ -138,7 +157,7 @@ def _env_int(name: str) -> int | None:
 
 
 def init_mesh(
-    heads: int | Iterable[int] | None = None,
+    heads: Heads = None,
     ulysses_degree: int | None = None,
     ring_degree: int | None = None,
     cfg_parallel: bool = False,

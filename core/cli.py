@@ -112,11 +112,22 @@ def _cmd_check(args) -> int:
     if not args.json:
         print(f"checking {subject.spec.name} ({subject.record.distribution}) ...", file=sys.stderr)
 
+    # On a terminal the progress line is rewritten in place and cleared before the table, so
+    # each result is shown once; piped, progress goes to stderr and the table to stdout.
+    live = not args.json and sys.stderr.isatty() and sys.stdout.isatty()
+
     def progress(result) -> None:
-        if not args.json:
-            print(f"  {result.id:<16} {result.status.upper():<6} {result.seconds:6.1f} s", file=sys.stderr)
+        if args.json:
+            return
+        line = f"  {result.id:<16} {result.status.upper():<6} {result.seconds:6.1f} s"
+        if live:
+            print(f"\r{line:<60}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr)
 
     results = run_checks(subject, opts, pattern=args.k, on_result=progress)
+    if live:
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
     print(to_json(subject, results) if args.json else format_table(subject, results))
     return 1 if failed(results) else 0
 

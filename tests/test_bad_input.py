@@ -518,3 +518,38 @@ def test_random_arguments_give_output_or_input_error(t2v, args):
     except InputError:
         return
     assert isinstance(out, Output) and out.kind == "video" and bool(torch.isfinite(out.video).all())
+
+
+def test_usp_under_torchrun_builds_on_the_ranks_gpu_before_anything_else(monkeypatch):
+    """``core.load(use_usp=True)`` on rank 3 of a torchrun job picks ``cuda:3`` (LOCAL_RANK) before
+    the factory runs, so no rank builds on GPU 0 (CUDA is faked: only the choice is tested)."""
+    from core.spec import ModelSpec, Preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    built = []
+
+    def factory(config, *, device, dtype, weights):
+        built.append((str(device), current[:]))
+        raise InputError("stop before building on a fake GPU")
+
+    spec = ModelSpec(name="gpu-probe", pipeline=factory, presets={"tiny": Preset(random_weights=True)})
+    for device in (None, "cuda"):
+        with pytest.raises(InputError, match="stop"):
+            core.loading.load_spec(spec, device=device, use_usp=True)
+    assert built == [("cuda:3", ["cuda:3"]), ("cuda:3", ["cuda:3", "cuda:3"])]
+
+
+def test_checking_a_long_prompt_prints_no_tokenizer_warning(t2v, capfd, monkeypatch):
+    from plugins.wan.text_encoder import tiny_tokenizer
+
+    # a fresh tokenizer: transformers prints this warning once per tokenizer object
+    monkeypatch.setattr(t2v.prompt_encoder, "tokenizer", tiny_tokenizer(t2v.prompt_encoder.text_len))
+    args = t2v.resolve(prompt="a fox " * 400, seed=0, **SMALL)
+    with pytest.raises(InputError, match="prompt is .* tokens"):
+        t2v.check_inputs(args)
+    err = capfd.readouterr().err
+    assert "longer than the specified maximum" not in err

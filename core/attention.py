@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "attention",
     "register_kernel",
+    "selected_kernel_name",
     "available_kernels",
     "use_kernel",
     "sdpa",
@@ -30,11 +31,41 @@ Kernel = Callable[..., torch.Tensor]
 """``kernel(q, k, v, *, mask, scale) -> out`` on ``(B, H, L, D)`` tensors (SDPA layout)."""
 
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CUDA_PRIORITY = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH)
+"""SDPA backends on CUDA, fastest exact first. On an H200 (torch 2.11, bf16, head dim 128) cuDNN ran
+the Wan and Qwen-Image attention shapes at ~575-583 TFLOP/s, flash at ~356-362 and the
+memory-efficient kernel at ~177-183 (docs/PERFORMANCE.md), while PyTorch's own order tries flash
+first. Each backend still declines shapes or dtypes it does not support, so the next one runs."""
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, scale=None) -> torch.Tensor:
+    """PyTorch SDPA; on CUDA with :data:`CUDA_PRIORITY` (cuDNN first), all of them exact."""
+    if q.is_cuda:
+        with sdpa_kernel(list(CUDA_PRIORITY), set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-_KERNELS: dict[str, Kernel] = {"sdpa": sdpa}
+def _one_backend(backend: SDPBackend) -> Kernel:
+    def kernel(q, k, v, *, mask=None, scale=None):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    kernel.__name__ = f"sdpa_{backend.name.lower()}"
+    return kernel
+
+
+_KERNELS: dict[str, Kernel] = {
+    "sdpa": sdpa,
+    # one backend only, for measuring them against each other (``ditkit bench --attention``)
+    "sdpa-cudnn": _one_backend(SDPBackend.CUDNN_ATTENTION),
+    "sdpa-flash": _one_backend(SDPBackend.FLASH_ATTENTION),
+    "sdpa-efficient": _one_backend(SDPBackend.EFFICIENT_ATTENTION),
+    "sdpa-math": _one_backend(SDPBackend.MATH),
+}
 _selected: str | None = None
 
 
@@ -49,8 +80,13 @@ def available_kernels() -> list[str]:
     return sorted(_KERNELS)
 
 
+def selected_kernel_name() -> str:
+    """The kernel :func:`attention` uses now: :func:`use_kernel`'s, else ``DITKIT_ATTENTION``, else ``sdpa``."""
+    return _selected or os.environ.get("DITKIT_ATTENTION", "sdpa")
+
+
 def _kernel() -> Kernel:
-    name = _selected or os.environ.get("DITKIT_ATTENTION", "sdpa")
+    name = selected_kernel_name()
     try:
         return _KERNELS[name]
     except KeyError:

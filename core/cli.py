@@ -1,4 +1,4 @@
-"""The ``ditkit`` command: ``plugins``, ``run``."""
+"""The ``ditkit`` command: ``plugins``, ``run``, ``check``, ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -177,9 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--usp", type=int, default=2, metavar="N", help="ranks for the USP parity check (default 2)")
     c.add_argument("--json", action="store_true", help="machine-readable results")
     c.add_argument("-k", default=None, metavar="PATTERN", help="only checks whose id contains PATTERN (or matches a glob)")
-    c.add_argument("--max-examples", type=int, default=2, help="Hypothesis examples per shape property (default 2)")
+    c.add_argument("--max-examples", type=int, default=3, help="Hypothesis size draws per shape check (default 3)")
     c.add_argument("--plugin", default=None, help="register this plugin module first (module or module:attr)")
     c.set_defaults(func=_cmd_check)
+
+    from . import bench
+
+    b = sub.add_parser("bench", help="time eager against compiled variants of a model (random weights, one process)")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.main)
     return parser
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import CompileError
 
-__all__ = ["CompiledPart", "CompileReport", "compile_components", "repeated_block_names"]
+__all__ = ["CompiledPart", "CompileReport", "compile_components", "graphs_compiled", "repeated_block_names"]
 
 _MARK = "_ditkit_compiled_methods"
 
@@ -29,6 +29,8 @@ class CompiledPart:
     how: str  # "regional" | "whole" | "method"
     target: str  # block class name, or "ClassName.method"
     instances: int
+    code: types.CodeType | None = field(default=None, compare=False, repr=False)
+    """The compiled function's code object (dynamo keys its cache of graphs by it)."""
 
 
 @dataclass
@@ -37,12 +39,19 @@ class CompileReport:
 
     parts: list[CompiledPart] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+    """Where compiled kernels are cached across processes (see :func:`persistent_cache_dir`)."""
 
     def components(self) -> list[str]:
         return sorted({p.component for p in self.parts})
 
     def to_dict(self) -> dict:
-        return {"options": self.options, "parts": [asdict(p) for p in self.parts]}
+        return {"options": self.options, "cache_dir": self.cache_dir,
+                "parts": [{k: v for k, v in asdict(p).items() if k != "code"} for p in self.parts]}
+
+    def graphs(self) -> dict[str, int]:
+        """``{"component:target": graphs dynamo holds for it}`` (see :func:`graphs_compiled`)."""
+        return {f"{p.component}:{p.target}": graphs_compiled(p) for p in self.parts}
 
     def __str__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -95,6 +104,60 @@ def _bind(module: nn.Module, method: str, compiled) -> None:
     done.add(method)
 
 
+def _block_classes(name: str, module: nn.Module, cls_name: str) -> tuple[type, list[nn.Module]]:
+    """The one class named ``cls_name`` inside ``module`` and its instances.
+
+    Matching is by class *object*: two distinct classes that share a name (``Block`` in two
+    files) must never share a compiled ``forward``, so a name that resolves to two classes is an
+    error listing where each lives.
+    """
+    by_class: dict[type, list[str]] = {}
+    for path, m in module.named_modules():
+        if type(m).__name__ == cls_name:
+            by_class.setdefault(type(m), []).append(path or "<root>")
+    if not by_class:
+        present = sorted({type(m).__name__ for m in module.modules()})
+        raise CompileError(
+            f"component {name!r} declares repeated block class {cls_name!r}, but no submodule is of "
+            f"that class (classes present: {', '.join(present)})"
+        )
+    if len(by_class) > 1:
+        listing = "; ".join(f"{c.__module__}.{c.__qualname__} at {', '.join(paths[:4])}"
+                            f"{' ...' if len(paths) > 4 else ''}" for c, paths in by_class.items())
+        raise CompileError(
+            f"component {name!r}: repeated block name {cls_name!r} matches {len(by_class)} distinct classes "
+            f"({listing}); they cannot share one compiled forward. Rename one of them."
+        )
+    (cls,) = by_class
+    return cls, [m for m in module.modules() if type(m) is cls]
+
+
+def persistent_cache_dir() -> str | None:
+    """Point inductor's on-disk cache (compiled kernels, FX graphs, AOTAutograd) at a directory that
+    outlives the process, keyed by torch version, unless the user chose one.
+
+    PyTorch's default lives under the temp directory (``/tmp/torchinductor_<user>``), which is
+    emptied on reboot and on many clusters per job; the cold first call then pays every kernel build
+    again. ``DITKIT_COMPILE_CACHE`` overrides the base directory (``off`` keeps PyTorch's default);
+    ``TORCHINDUCTOR_CACHE_DIR``, when set, always wins. Returns the directory in use (``None``
+    when left to PyTorch).
+    """
+    import os
+    from pathlib import Path
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    base = os.environ.get("DITKIT_COMPILE_CACHE")
+    if base is not None and base.strip().lower() in {"off", "0", "none", ""}:
+        return None
+    if base is None:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "ditkit")
+    path = os.path.join(base, "inductor", f"torch-{torch.__version__}")
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
 def compile_components(
     modules: dict[str, nn.Module],
     *,
@@ -103,28 +166,34 @@ def compile_components(
     options: dict,
 ) -> CompileReport:
     """Compile ``modules`` (component name -> module) and report what was compiled."""
-    report = CompileReport(options=dict(options))
+    report = CompileReport(options=dict(options), cache_dir=persistent_cache_dir())
     cache: dict = {}
     for name, module in modules.items():
         blocks = repeated_block_names(module, repeated_blocks.get(name, ()))
         if blocks:
             for cls_name in blocks:
-                instances = [m for m in module.modules() if type(m).__name__ == cls_name]
-                if not instances:
-                    present = sorted({type(m).__name__ for m in module.modules()})
-                    raise CompileError(
-                        f"component {name!r} declares repeated block class {cls_name!r}, but no submodule is of "
-                        f"that class (classes present: {', '.join(present)})"
-                    )
-                compiled = _compiled_function(cache, type(instances[0]), "forward", options)
+                cls, instances = _block_classes(name, module, cls_name)
+                compiled = _compiled_function(cache, cls, "forward", options)
                 for m in instances:
                     _bind(m, "forward", compiled)
-                report.parts.append(CompiledPart(name, "regional", cls_name, len(instances)))
+                report.parts.append(CompiledPart(name, "regional", cls_name, len(instances), _code(cls, "forward")))
             continue
         for method in methods.get(name, ["forward"]):
             if not callable(getattr(module, method, None)):
                 raise CompileError(f"component {name!r} ({type(module).__name__}) has no method {method!r} to compile")
             _bind(module, method, _compiled_function(cache, type(module), method, options))
             how = "whole" if method == "forward" else "method"
-            report.parts.append(CompiledPart(name, how, f"{type(module).__name__}.{method}", 1))
+            report.parts.append(CompiledPart(name, how, f"{type(module).__name__}.{method}", 1, _code(type(module), method)))
     return report
+
+
+def _code(cls: type, method: str):
+    return getattr(getattr(cls, method), "__code__", None)
+
+
+def graphs_compiled(part: CompiledPart) -> int:
+    """How many graphs dynamo holds for ``part``'s code: 1 once it ran, compiled once and never
+    recompiled (every instance of a block class shares it); more means recompilation."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(part.code)) if part.code is not None else 0

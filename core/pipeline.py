@@ -28,14 +28,16 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, str, int], torch.Tensor]
 class Pipeline:
     """Base of every plugin pipeline.
 
-    Class attributes a subclass may set (a :class:`core.spec.ModelSpec` attached by ``core.load``
-    takes precedence): ``compilable_models``, ``defaults`` (generation defaults).
+    One source for each setting: what is compilable and the size multiple come from the
+    :class:`core.spec.ModelSpec` that ``core.load`` attaches (``self.spec``); ``defaults`` (a class
+    attribute) lists every generation argument the pipeline takes with its fallback value, and the
+    chosen preset's ``defaults`` override those values (``resolve``).
     """
 
-    compilable_models: tuple[str, ...] = ()
     defaults: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 1.0, "height": 64, "width": 64}
-    size_multiple: int = 16
-    """``height``/``width`` must be multiples of this (the spec's ``capabilities.size_multiple`` wins)."""
+
+    base_arguments: tuple[str, ...] = ("prompt", "negative_prompt", "seed", "generator")
+    """Generation arguments every pipeline takes besides its ``defaults``' keys."""
 
     def __init__(self, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
@@ -61,7 +63,10 @@ class Pipeline:
         return self
 
     def _compilable(self) -> list[str]:
-        return list(self.spec.compilable_models if self.spec is not None else self.compilable_models)
+        if self.spec is None:
+            raise CompileError(f"{type(self).__name__} has no ModelSpec attached: build it with core.load(), "
+                               f"whose spec declares the compilable components")
+        return list(self.spec.compilable_models)
 
     # -- compilation ---------------------------------------------------------------------------
     def compile_pipeline(
@@ -116,7 +121,7 @@ class Pipeline:
 
         Known arguments are ``prompt``, ``negative_prompt``, ``seed`` and every key of the class and
         preset defaults; anything else is refused by name."""
-        known = {"prompt", "negative_prompt", "seed", "generator", *self.defaults, *self.preset_defaults}
+        known = {*self.base_arguments, *self.defaults, *self.preset_defaults}
         unknown = sorted(set(args) - known)
         if unknown:
             hints = []
@@ -147,7 +152,7 @@ class Pipeline:
         generator = args.get("generator")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        multiple = self.spec.capabilities.size_multiple if self.spec is not None else self.size_multiple
+        multiple = self.spec.capabilities.size_multiple if self.spec is not None else 1
         for key in ("height", "width"):
             value = args.get(key)
             if value is None:

@@ -1,4 +1,4 @@
-"""Flow-matching sampling shared by every plugin (MODELS.md S1, A6, B5).
+"""Flow-matching sampling shared by every plugin (docs/models.md, sampling, Wan pipeline).
 
 The model predicts a velocity v ≈ ε − x₀; an Euler step moves x from σ_k to σ_{k+1}.
 """
@@ -40,7 +40,7 @@ def dynamic_shift_sigmas(
     shift_terminal: float | None = 0.02,
     mu: float | None = None,
 ) -> torch.Tensor:
-    """Qwen-Image's resolution-dependent exponential shift with terminal stretch (MODELS.md B5)."""
+    """Qwen-Image's resolution-dependent exponential shift with terminal stretch (docs/models.md, sampling)."""
     _check_steps(steps)
     s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
     if mu is None:
@@ -60,7 +60,7 @@ def guide(v_pos: torch.Tensor, v_neg: torch.Tensor, scale: float, rescale_dim: i
     """Classifier-free guidance v = v_neg + s·(v_pos − v_neg).
 
     With ``rescale_dim`` the result is rescaled to v_pos's norm over that dimension (Qwen-Image's
-    "true CFG", MODELS.md B5).
+    "true CFG", docs/models.md, sampling).
     """
     v = v_neg + scale * (v_pos - v_neg)
     if rescale_dim is not None:

@@ -34,8 +34,11 @@ def test_report_lists_regional_blocks_and_the_vae_method(pipes):
 
 
 def test_one_graph_per_block_class_shared_by_all_instances(pipes):
-    # two block classes + the VAE decode method: three graphs for four block instances
+    # two block classes + the VAE decode method: three graphs for four block instances, counted
+    # from the first call (a second instance recompiling would add one)
+    _, _, report, _ = pipes
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    assert report.graphs() == {"dit:JointBlock": 1, "dit:SingleBlock": 1, "vae:TinyDecoder.decode": 1}
 
 
 def test_compiled_output_equals_eager(pipes):
@@ -81,3 +84,71 @@ def test_repeated_blocks_class_attribute_is_honoured_and_a_misnamed_block_fails(
     assert [(p.how, p.target, p.instances) for p in report.parts] == [("regional", "Block", 3)]
     with pytest.raises(CompileError, match="Blok"):
         compile_components({"m": Model()}, repeated_blocks={"m": ["Blok"]}, methods={}, options={})
+
+
+def _two_classes_named_block():
+    def make(sign):
+        class Block(torch.nn.Module):
+            def forward(self, x):
+                return x * sign
+        return Block
+
+    pos, neg = make(2.0), make(-1.0)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.ModuleList([pos(), pos()])
+            self.b = torch.nn.ModuleList([neg()])
+
+        def forward(self, x):
+            for m in [*self.a, *self.b]:
+                x = m(x)
+            return x
+
+    return Model()
+
+
+def test_two_distinct_classes_sharing_a_block_name_are_a_compile_error_naming_both():
+    from core.compile import compile_components
+
+    model = _two_classes_named_block()
+    eager = model(torch.ones(2))
+    assert torch.equal(eager, torch.full((2,), -4.0))
+    with pytest.raises(CompileError, match=r"2 distinct classes.*a\.0, a\.1.*b\.0"):
+        compile_components({"m": model}, repeated_blocks={"m": ["Block"]}, methods={}, options={"backend": "eager"})
+    assert torch.equal(model(torch.ones(2)), eager)  # nothing was bound
+
+
+def test_blocks_are_matched_by_class_object_not_by_name():
+    from core.compile import compile_components
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+            self.other = torch.nn.Identity()
+
+    model = Wrapper()
+    report = compile_components({"m": model}, repeated_blocks={"m": ["Block"]}, methods={}, options={"backend": "eager"})
+    assert report.parts[0].instances == 2 and all("forward" in b.__dict__ for b in model.blocks)
+    assert "forward" not in model.other.__dict__
+
+
+def test_compiled_kernels_go_to_a_persistent_cache_keyed_by_torch_version(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from core.compile import compile_components
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DITKIT_COMPILE_CACHE", str(tmp_path))
+    report = compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={}, options={"backend": "eager"})
+    expected = tmp_path / "inductor" / f"torch-{torch.__version__}"
+    assert report.cache_dir == str(expected) and cache_dir() == str(expected) and expected.is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
+    assert compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={},
+                              options={"backend": "eager"}).cache_dir == str(tmp_path / "mine")

@@ -18,7 +18,7 @@ def pipe(example):
 @pytest.mark.parametrize(
     "kwargs",
     [dict(prompt=""), dict(prompt="   "), dict(prompt="x" * 65), dict(prompt="a", num_inference_steps=0), dict(prompt="a", num_inference_steps=-2),
-     dict(prompt="a", height=40), dict(prompt="a", width=0), dict(prompt="a", guidance_scale=-1.0),
+     dict(prompt="a", height=44), dict(prompt="a", width=0), dict(prompt="a", guidance_scale=-1.0),
      dict(prompt="a", seed="7"), dict(prompt="a", num_frames=5)],
 )
 def test_bad_inputs_raise_input_error(pipe, kwargs):

@@ -13,6 +13,7 @@ from .consistency import assert_same_on_ranks
 from .engine import make_engine
 from .mesh import Mesh, init_mesh
 from .runtime import UspHandle, enable_usp
+from .shards import ShardLayout
 
 __all__ = ["UspRuntime", "attach_usp", "component_heads"]
 
@@ -57,6 +58,23 @@ class UspRuntime:
             cond, uncond = cfg_parallel(self.mesh, lambda: fn("cond"), lambda: fn("uncond"))
             return {"cond": cond, "uncond": uncond}
         return {b: fn(b) for b in branches}
+
+    def splits(self) -> list[dict]:
+        """Every sequence split so far, per component: its full length and how it was sharded
+        (:meth:`ShardLayout.describe`); what the conformance kit reports and checks for remainders."""
+        world = self.mesh.sp_degree
+        rows = []
+        for name, handle in sorted(self.handles.items()):
+            for sequence, totals in sorted(handle.state.seen.items()):
+                for total in sorted(totals):
+                    rows.append({"component": name, "sequence": sequence,
+                                 **ShardLayout(total, world, self.mesh.sp_rank).describe()})
+        return rows
+
+    def clear_splits(self) -> None:
+        """Forget what :meth:`splits` recorded."""
+        for handle in self.handles.values():
+            handle.state.seen.clear()
 
     def remove(self) -> None:
         """Undo every component's hooks (the process group stays; ``mesh.close()`` ends it)."""

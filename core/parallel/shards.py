@@ -40,6 +40,12 @@ class ShardLayout:
         r = self.rank if rank is None else rank
         return max(0, min(self.shard, self.total - r * self.shard))
 
+    def describe(self) -> dict:
+        """The split as numbers: full length, per-rank real tokens, shard size, pad tokens."""
+        return {"total": self.total, "world": self.world, "shard": self.shard,
+                "per_rank": [self.valid(r) for r in range(self.world)], "remainder": self.total % self.world,
+                "pad": self.shard * self.world - self.total}
+
     def valid_mask(self, device=None) -> torch.Tensor:
         """``(shard,)`` bool: which of this rank's positions hold real tokens."""
         return torch.arange(self.shard, device=device) < self.valid()
@@ -54,7 +60,9 @@ def shard_tensor(t: torch.Tensor, dim: int, layout: ShardLayout) -> torch.Tensor
     if missing:
         pad = [0, 0] * (t.dim() - 1 - dim) + [0, missing]
         piece = F.pad(piece, pad)
-    return piece.contiguous()
+    # Always a fresh tensor, never a view of ``t``: compiled blocks guard on whether an input is a
+    # view, and the next block's input (the previous block's output) is not one.
+    return piece.clone(memory_format=torch.contiguous_format)
 
 
 def gather_tensor(t: torch.Tensor, dim: int, layout: ShardLayout, group) -> torch.Tensor:
@@ -79,6 +87,8 @@ class SequenceState:
     def __init__(self, world: int, rank: int):
         self.world, self.rank = world, rank
         self._layouts: dict[str, ShardLayout] = {}
+        self.seen: dict[str, set[int]] = {}
+        """Every total length each sequence was split at, across passes (what ran, for reports)."""
 
     def reset(self) -> None:
         self._layouts.clear()
@@ -87,6 +97,7 @@ class SequenceState:
         layout = self._layouts.get(sequence)
         if layout is None:
             layout = self._layouts[sequence] = ShardLayout(total, self.world, self.rank)
+            self.seen.setdefault(sequence, set()).add(total)
         elif layout.total != total:
             raise ParallelError(
                 f"{where}: sequence {sequence!r} has {total} tokens here but {layout.total} where it was "

@@ -20,7 +20,11 @@ PROMPT = "a lighthouse on a cliff at dusk"
 
 
 class CheckFailed(AssertionError):
-    """A conformance check found the plugin wrong."""
+    """A conformance check found the plugin wrong; ``details`` holds what was measured."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 class CheckSkipped(Exception):
@@ -31,19 +35,26 @@ class CheckSkipped(Exception):
 class Check:
     id: str
     title: str
-    run: Callable[[Subject, "KitOptions"], None]
+    run: Callable[[Subject, "KitOptions"], dict | None]
+    """Runs the check; returns what it measured (errors, tolerances, cases) for the report."""
     depends: tuple[str, ...] = ()
 
 
 @dataclass
 class KitOptions:
-    max_examples: int = 2
+    max_examples: int = 3
+    """Sizes Hypothesis draws per shape check (the declared corner cases come on top)."""
     usp_world: int = 2
     timeout: float = 240.0
+    seed: int = 0
+    """Hypothesis seed: draws are random across the declared ranges, yet the same on every run and rank."""
 
 
-def fail(message: str) -> None:
-    raise CheckFailed(message)
+METRIC = "‖got − ref‖ / ‖ref − mean(ref)‖"
+
+
+def fail(message: str, details: dict | None = None) -> None:
+    raise CheckFailed(message, details)
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -54,12 +65,26 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # -- 1. spec and presets ------------------------------------------------------------------------
-def check_spec_valid(subject: Subject, opts: KitOptions) -> None:
+def check_spec_valid(subject: Subject, opts: KitOptions) -> dict:
+    """What registration cannot see: every generation argument the spec names (preset defaults,
+    the kit's calls, sizes, uneven call, bad inputs) must be one the pipeline knows, and a model that
+    runs sequence-parallel must declare a call with uneven lengths."""
     spec = subject.spec
-    try:
-        ModelSpec.model_validate(dict(spec))
-    except Exception as exc:  # pydantic ValidationError
-        fail(f"re-validating the ModelSpec of {spec.name!r} should succeed, got: {exc}")
+    known = subject.known_arguments()
+    named = {f"presets[{p!r}].defaults": set(pr.defaults) for p, pr in spec.presets.items()}
+    c = spec.conformance
+    named.update({"conformance.call": set(c.call), "conformance.sizes": set(c.sizes),
+                  "conformance.uneven_call": set(c.uneven_call or {})})
+    for i, bad in enumerate(c.bad_inputs):
+        named[f"conformance.bad_inputs[{i}]"] = set(bad)
+    for where, keys in named.items():
+        unknown = sorted(keys - known)
+        if unknown:
+            fail(f"{where} of {spec.name!r} names {unknown}, which the pipeline does not take (it takes {sorted(known)})")
+    if spec.capabilities.usp and c.uneven_call is None and "usp-parity" not in c.expected_failures:
+        fail(f"{spec.name!r} runs sequence-parallel but declares no conformance.uneven_call (a call whose split "
+             f"sequence leaves a remainder on 2 and 4 ranks); usp-parity would not prove uneven lengths")
+    return {"arguments": sorted(known), "checked": sorted(named)}
 
 
 def check_presets_resolve(subject: Subject, opts: KitOptions) -> None:
@@ -218,12 +243,20 @@ def _needs_compile(subject: Subject) -> None:
 
 
 def _compiled(subject: Subject):
+    """The compiled tiny pipeline, after one warm-up call; the graphs dynamo holds right after
+    that first call are kept for :func:`check_no_recompile`."""
     if "compiled" not in subject._pipes:
         pipe = subject.build()
         torch._dynamo.reset()
         pipe.compile_pipeline()
+        pipe(PROMPT, **subject.call_args(guidance_scale=3.0 if subject.spec.capabilities.cfg else None))
         subject._pipes["compiled"] = pipe
+        subject._pipes["first_call_graphs"] = _graphs(pipe)
     return subject._pipes["compiled"]
+
+
+def _graphs(pipe) -> dict[str, int]:
+    return pipe.compile_report.graphs()
 
 
 def _size_strategy(subject: Subject):
@@ -233,25 +266,44 @@ def _size_strategy(subject: Subject):
     return st.fixed_dictionaries({k: st.sampled_from(r.values()) for k, r in sizes.items()})
 
 
-def check_compile_parity(subject: Subject, opts: KitOptions) -> None:
-    from hypothesis import HealthCheck, given, settings
+def drawn_sizes(subject: Subject, opts: KitOptions) -> list[dict]:
+    """Sizes for the shape checks: a non-square corner (first value of one declared range, last of
+    the others) and ``opts.max_examples`` Hypothesis draws over every declared range independently
+    (seeded, so every run and every rank draws the same)."""
+    from hypothesis import HealthCheck, given, seed, settings
 
+    ranges = subject.spec.conformance.sizes
+    corner = {k: (r.values()[0] if i == 0 else r.values()[-1]) for i, (k, r) in enumerate(ranges.items())}
+    calls: list[dict] = [corner] if ranges else []
+
+    @seed(opts.seed)
+    @settings(max_examples=max(1, opts.max_examples), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(_size_strategy(subject))
+    def collect(sizes):
+        if sizes not in calls and len(calls) <= opts.max_examples:
+            calls.append(sizes)
+
+    collect()
+    return calls
+
+
+def check_compile_parity(subject: Subject, opts: KitOptions) -> dict:
     _needs_compile(subject)
     eager, compiled = subject.pipe(), _compiled(subject)
     rtol = subject.spec.conformance.compile_rtol
-
-    @settings(max_examples=opts.max_examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck), print_blob=False)
-    @given(_size_strategy(subject))
-    def parity(sizes):
+    cases = []
+    for sizes in drawn_sizes(subject, opts):
         args = subject.call_args(**sizes)
         ref = eager(PROMPT, **args).tensor()
         got = compiled(PROMPT, **args).tensor()
-        err = rel_error(got, ref)
-        if not err <= rtol:
-            fail(f"compiled output should equal eager output within relative error {rtol:g} for {sizes}; got {err:.3g}")
-
-    parity()
+        cases.append({"sizes": sizes, "error": rel_error(got, ref)})
+    details = {"metric": METRIC, "tolerance": rtol, "max_error": max(c["error"] for c in cases), "cases": cases}
+    bad = [c for c in cases if not c["error"] <= rtol]
+    if bad:
+        fail("compiled output should equal eager output within relative error "
+             f"{rtol:g}; it differs for " + "; ".join(f"{c['sizes']}: {c['error']:.3g}" for c in bad), details)
+    return details
 
 
 def _three_sizes(subject: Subject) -> list[dict]:
@@ -260,31 +312,49 @@ def _three_sizes(subject: Subject) -> list[dict]:
     return [{k: pick(r.values()) for k, r in ranges} for pick in (lambda v: v[0], lambda v: v[len(v) // 2], lambda v: v[-1])]
 
 
-def check_no_recompile(subject: Subject, opts: KitOptions) -> None:
+def check_no_recompile(subject: Subject, opts: KitOptions) -> dict:
+    """Graphs are counted from the very first call: each compiled block class (shared by all its
+    instances) and each compiled method must hold exactly one graph after it, so a block whose
+    second instance recompiles during the first call fails here; no later call (the compile-parity
+    sizes, steps, guidance on/off, prompt lengths, three sizes) may add one."""
     _needs_compile(subject)
     pipe = _compiled(subject)
+    first = subject._pipes["first_call_graphs"]
+    details = {"graphs_after_first_call": first, "cases": []}
+    several = {k: n for k, n in first.items() if n > 1}
+    if several:
+        fail(f"after the first call every compiled region should hold one graph (one per block class, shared by "
+             f"every instance); recompiled during the first call: {several}", details)
     base = subject.call_args(num_inference_steps=max(2, subject.spec.conformance.call.get("num_inference_steps", 2)))
     cfg_values = [1.0, 3.0] if subject.spec.capabilities.cfg else [base.get("guidance_scale", 1.0)]
-    pipe(PROMPT, **{**base, "guidance_scale": cfg_values[-1]})  # warm-up compiles
-    cases = [({}, g) for g in cfg_values] + [(s, g) for s in _three_sizes(subject) for g in cfg_values]
+    prompts = [PROMPT, "a red fox"]  # two prompt lengths (token counts differ)
+    cases = [({}, g, p) for g in cfg_values for p in prompts] + [(s, g, PROMPT) for s in _three_sizes(subject) for g in cfg_values]
     with torch.compiler.set_stance("fail_on_recompile"):
-        for sizes, scale in cases:
+        for sizes, scale, prompt in cases:
+            details["cases"].append({"sizes": sizes, "guidance_scale": scale, "prompt_chars": len(prompt)})
             try:
-                pipe(PROMPT, **{**base, **sizes, "guidance_scale": scale})
+                pipe(prompt, **{**base, **sizes, "guidance_scale": scale})
             except RuntimeError as exc:
                 if "recompile" not in str(exc):
                     raise
-                fail(f"with dynamic=True, generating at {sizes or 'the default size'} with guidance {scale} after "
-                     f"the first call should not recompile: {str(exc).splitlines()[-1].strip()}")
+                fail(f"with dynamic=True, generating at {sizes or 'the default size'} with guidance {scale} "
+                     f"(prompt of {len(prompt)} characters) after the first call should not recompile: "
+                     f"{str(exc).splitlines()[-1].strip()}", details)
+    details["graphs_after_all_calls"] = now = _graphs(pipe)
+    grown = {k: (first.get(k, 0), n) for k, n in now.items() if n > max(1, first.get(k, 0))}
+    if grown:
+        fail(f"calls after the first (compile-parity sizes included) should compile nothing; graphs grew "
+             f"(first call -> now): {grown}", details)
+    return details
 
 
 # -- 6. USP ---------------------------------------------------------------------------------------
-def check_usp_parity(subject: Subject, opts: KitOptions) -> None:
+def check_usp_parity(subject: Subject, opts: KitOptions) -> dict:
     if not subject.spec.capabilities.usp:
         raise CheckSkipped("the model declares no USP adapter (capabilities.usp is False)")
     from .usp import usp_parity
 
-    usp_parity(subject, opts)
+    return usp_parity(subject, opts)
 
 
 # -- 7, 8, 9. behaviour -------------------------------------------------------------------------
@@ -297,6 +367,16 @@ def check_determinism(subject: Subject, opts: KitOptions) -> None:
         fail(f"two runs with seed 11 should give identical output; max difference {(a - b).abs().max().item():.3g}")
     if torch.equal(a, c):
         fail("seeds 11 and 12 should give different outputs; they are identical")
+    caps = subject.spec.capabilities
+    if caps.cfg and caps.negative_prompt:
+        # the declared negative-prompt support must reach the model: another negative prompt under
+        # guidance changes the output
+        base = subject.call_args(seed=11, guidance_scale=3.0)
+        d = pipe(PROMPT, **base, negative_prompt="blurry, low quality").tensor()
+        e = pipe(PROMPT, **base, negative_prompt="a bright sunny beach").tensor()
+        if torch.equal(d, e):
+            fail("capabilities.negative_prompt is True, but two different negative prompts at guidance 3.0 "
+                 "gave identical output")
 
 
 _RANGES = {"image": (0.0, 1.0), "video": (0.0, 1.0), "video+audio": (0.0, 1.0), "audio": (-1.0, 1.0)}
@@ -329,6 +409,8 @@ def check_bad_input(subject: Subject, opts: KitOptions) -> None:
              ("a zero step count", PROMPT, {"num_inference_steps": 0}),
              (f"a height that is not a multiple of {multiple}", PROMPT, {"height": multiple * 2 + multiple // 2}),
              (f"a width that is not a multiple of {multiple}", PROMPT, {"width": multiple * 2 + multiple // 2})]
+    if not spec.capabilities.image_input:
+        cases.append(("an image for a model without image input", PROMPT, {"image": torch.zeros(3, multiple, multiple)}))
     if spec.capabilities.max_prompt_tokens:
         cases.append(("an over-long prompt", "word " * (4 * spec.capabilities.max_prompt_tokens), {}))
     cases += [(f"{extra}", PROMPT, extra) for extra in spec.conformance.bad_inputs]

@@ -6,7 +6,7 @@ import json
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .checks import CHECK_IDS, CHECKS, CheckFailed, CheckSkipped, KitOptions
 from .subject import Subject
@@ -19,6 +19,8 @@ class CheckResult:
     status: str  # pass | fail | skip | xfail | xpass | error
     message: str = ""
     seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+    """What the check measured: errors, tolerance, metric, cases (sizes, degrees, lengths, remainders)."""
 
 
 class UnknownExpectedFailure(UserWarning):
@@ -45,18 +47,46 @@ def run_one(check, subject: Subject, opts: KitOptions, xfail: dict[str, str], do
         if dep in done and done[dep].status not in ("pass", "xpass"):
             return CheckResult(check.id, check.title, "skip", f"depends on {dep}, which did not pass ({done[dep].status})")
     start = time.perf_counter()
+    details: dict = {}
     try:
-        check.run(subject, opts)
+        details = check.run(subject, opts) or {}
     except CheckSkipped as exc:
         status, message = "skip", str(exc)
     except CheckFailed as exc:
+        details = exc.details
         status, message = ("xfail", f"{xfail[check.id]}: {exc}") if check.id in xfail else ("fail", str(exc))
     except Exception as exc:  # a crash inside the plugin is a failure of that check, with its traceback
         text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
         status, message = ("xfail", f"{xfail[check.id]}: {text}") if check.id in xfail else ("error", text)
     else:
         status, message = ("xpass", f"expected to fail: {xfail[check.id]}") if check.id in xfail else ("pass", "")
-    return CheckResult(check.id, check.title, status, message, time.perf_counter() - start)
+    return CheckResult(check.id, check.title, status, message, time.perf_counter() - start, _jsonable(details))
+
+
+def _jsonable(value):
+    """``details`` as plain JSON types (tuples to lists, other objects to their repr)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def summary(details: dict) -> str:
+    """One line of numbers for the table: the worst error against its tolerance, the cases, and for
+    USP how many cases split a sequence with a remainder and the lengths seen."""
+    parts = []
+    if "max_error" in details:
+        parts.append(f"max err {details['max_error']:.2g} (tol {details['tolerance']:g}) over {len(details['cases'])} cases")
+    if "cases_with_remainder" in details:
+        lengths = sorted({f"{s['sequence']}={s['total']}" + (f"(r{s['remainder']})" if s["remainder"] else "")
+                          for c in details["cases"] for s in c["splits"]})
+        parts.append(f"{details['cases_with_remainder']} uneven on {details['world']} ranks; lengths {' '.join(lengths)}")
+    if "graphs_after_first_call" in details:
+        parts.append("graphs " + " ".join(f"{k}={n}" for k, n in details["graphs_after_first_call"].items()))
+    return "; ".join(parts)
 
 
 def run_checks(subject: Subject, opts: KitOptions | None = None, pattern: str | None = None,
@@ -75,8 +105,9 @@ def run_checks(subject: Subject, opts: KitOptions | None = None, pattern: str | 
 def format_table(subject: Subject, results: list[CheckResult]) -> str:
     rows = [("check", "result", "seconds", "detail")]
     for r in results:
-        detail = r.message.strip().splitlines()[0] if r.message.strip() else r.title
-        rows.append((r.id, r.status.upper(), f"{r.seconds:.1f}", detail[:160]))
+        numbers = summary(r.details)
+        detail = r.message.strip().splitlines()[0] if r.message.strip() else (numbers or r.title)
+        rows.append((r.id, r.status.upper(), f"{r.seconds:.1f}", detail[:240]))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     head = f"ditkit check {subject.spec.name} ({subject.record.distribution})"
     lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]

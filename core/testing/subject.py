@@ -49,6 +49,15 @@ class Subject:
             self._pipes[key] = self.build()
         return self._pipes[key]
 
+    def known_arguments(self) -> set[str]:
+        """Generation arguments the pipeline takes: the base call's, the class defaults' and every
+        preset's defaults' keys (what ``Pipeline.check_inputs`` accepts)."""
+        from ..pipeline import Pipeline
+
+        cls = self.spec.pipeline if isinstance(self.spec.pipeline, type) else type(self.pipe())
+        presets = {k for p in self.spec.presets.values() for k in p.defaults}
+        return {*Pipeline.base_arguments, *getattr(cls, "defaults", {}), *presets}
+
     def call_args(self, **overrides) -> dict:
         return {"seed": 0, "progress": False, **self.spec.conformance.call, **overrides}
 

@@ -1,11 +1,11 @@
 """Wan 2.1 / 2.2 diffusion transformer (the official ``WanModel``) in plain PyTorch.
 
-``WanModel(config).state_dict()`` is the official checkpoint layout (MODELS.md §A2; key-set
+``WanModel(config).state_dict()`` is the official checkpoint layout (docs/models.md, Wan DiT; key-set
 fingerprints in Appendix B), so a published ``diffusion_pytorch_model*.safetensors`` loads with
 ``load_state_dict(strict=True)`` and no key conversion.  Semantics follow the official code:
 3-D RoPE with interleaved pairs in real cos/sin form (tables built in float64, then cast), q/k
 RMSNorm over the whole width, affine ``norm3`` before an ungated text cross-attention, and
-LayerNorm, modulation, gated residuals and the head in float32 (§A2, §E12).  Every attention
+LayerNorm, modulation, gated residuals and the head in float32.  Every attention
 goes through :func:`core.attention.attention` (``site="self"`` and ``site="cross"``).
 
 Tensor layout inside :meth:`WanModel.forward` (``L = f·h·w`` tokens in raster order, frames
@@ -85,7 +85,7 @@ class WanDiTConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_max_positions: int = 1024
-    """Official RoPE tables hold positions 0..1023 per axis; larger grids are out of spec (§E21)."""
+    """Official RoPE tables hold positions 0..1023 per axis; larger grids are out of spec."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -141,7 +141,7 @@ WAN_DIT_CONFIGS: dict[str, WanDiTConfig] = {
     "wan2.2-ti2v-5b": WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
                                    in_dim=48, out_dim=48, model_type="ti2v"),
 }
-"""Released configurations (MODELS.md §A2). Wan2.1 I2V/FLF2V (CLIP branch) is not implemented."""
+"""Released configurations (docs/models.md, Wan DiT). Wan2.1 I2V/FLF2V (CLIP branch) is not implemented."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class WanRotary(nn.Module):
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x_2j, x_2j+1) of ``x: (B, L, H, d)`` by the angles of ``rope``.
 
-    Real form of (x_2j + i·x_2j+1)·e^{iθ_j} (MODELS.md §S3); computed in float32, returned in x's dtype.
+    Real form of (x_2j + i·x_2j+1)·e^{iθ_j} (docs/models.md, rotary embeddings); computed in float32, returned in x's dtype.
     """
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = rope.unbind(-1)
@@ -204,7 +204,7 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 def sinusoidal_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """[cos(t·ω), sin(t·ω)] with ω_j = 10000^(-j/half), computed in float64, returned float32 (§S2)."""
+    """[cos(t·ω), sin(t·ω)] with ω_j = 10000^(-j/half), computed in float64, returned float32."""
     half = dim // 2
     t = t.to(torch.float64)
     omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
@@ -353,7 +353,10 @@ class WanPatchEmbedding(nn.Conv3d):
     """Conv3d with kernel = stride = patch, returning tokens ``(B, L, D)`` in raster order."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(self.weight.dtype)).flatten(2).transpose(1, 2)
+        # A fresh (non-view) tensor: the blocks' compiled forward guards on whether its input is a
+        # view, and every later block gets the previous block's fresh output, so a view here
+        # would recompile the shared graph at the second block.
+        return super().forward(x.to(self.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Wan 2.1 / 2.2 pipeline: prompt → umT5 → flow-matching Euler with CFG over the DiT → VAE → video.
 
-One class serves every released variant (MODELS.md §A6); the preset ``config`` says which:
+One class serves every released variant (docs/models.md, Wan pipeline); the preset ``config`` says which:
 
 * ``task="t2v"``: text to video (Wan2.1-T2V-1.3B/14B, Wan2.2-T2V-A14B);
 * ``task="i2v"``: image to video through the VAE (Wan2.2-I2V-A14B): the DiT input is
@@ -14,7 +14,7 @@ while ``t = 1000·σ ≥ 1000·boundary``, then ``dit_low``; the CFG scale follo
 (``guidance_scale`` for ``dit``, ``guidance_scale_low`` for ``dit_low``).
 
 Sampling is flow-matching Euler on the shifted σ grid with ``s_max = 1`` and float timesteps
-(DiffSynth's sampler), not the official UniPC solver (MODELS.md §E11); see README.md.
+(DiffSynth's sampler), not the official UniPC solver (docs/models.md, known differences); see README.md.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _is_high_noise(sigma: float, boundary: float) -> bool:
 def expert_steps(steps: int, shift: float, boundary: float) -> list[str]:
     """Which expert (``"dit"`` high-noise, ``"dit_low"`` low-noise) runs at each step.
 
-    ``expert_steps(40, 12.0, 0.875).count("dit") == 26`` (MODELS.md §A6).
+    ``expert_steps(40, 12.0, 0.875).count("dit") == 26`` (docs/models.md, Wan pipeline).
     """
     sigmas = shifted_sigmas(steps, shift)
     return ["dit" if _is_high_noise(float(s), boundary) else "dit_low" for s in sigmas[:-1]]
@@ -94,7 +94,6 @@ class WanPipeline(Pipeline):
     (``seed``) and the tokenizer is :func:`tiny_tokenizer`.
     """
 
-    compilable_models = ("dit",)
     defaults: dict[str, Any] = {
         "num_inference_steps": 50, "guidance_scale": 5.0, "guidance_scale_low": None, "height": 480, "width": 832,
         "num_frames": 81, "shift": 5.0, "fps": 16, "negative_prompt": NEGATIVE_PROMPT, "image": None,
@@ -130,7 +129,7 @@ class WanPipeline(Pipeline):
         tokenizer = load_tokenizer(weights) if weights is not None else tiny_tokenizer(t5_config.text_len)
         self.prompt_encoder = WanPromptEncoder(self.text_encoder, tokenizer, dit_config.text_len)
         self.patch = dit_config.patch_size
-        self.size_multiple = self.vae.spatial_stride * self.patch[1]
+        self.pixels_per_token = self.vae.spatial_stride * self.patch[1]
 
     # -- arguments ------------------------------------------------------------------------------
     def resolve(self, **kwargs) -> dict[str, Any]:
@@ -144,7 +143,7 @@ class WanPipeline(Pipeline):
 
     def check_inputs(self, args: dict[str, Any]) -> None:
         super().check_inputs(args)
-        m = self.size_multiple  # VAE stride × patch; the base class checked the multiple
+        m = self.pixels_per_token  # VAE stride × patch; the base class checked the spec's size multiple
         for key in ("height", "width"):
             if args[key] // m > 1024:
                 raise InputError(f"{key} {args[key]} gives {args[key] // m} tokens per axis; RoPE holds at most 1024")
@@ -218,7 +217,7 @@ class WanPipeline(Pipeline):
     def encode_image(self, image, num_frames: int, height: int, width: int) -> torch.Tensor:
         """The conditioning image in latent space.
 
-        ``i2v``: ``y = [mask(4) ‖ latents(16)]`` of the video ``[image, zeros × (F−1)]`` (§A6);
+        ``i2v``: ``y = [mask(4) ‖ latents(16)]`` of the video ``[image, zeros × (F−1)]``;
         ``ti2v``: the image alone, one latent frame ``(1, 48, 1, h, w)``.
         """
         pixels = _fit(_image_to_tensor(image), height, width) * 2 - 1  # (1, 3, H, W) in [-1, 1]

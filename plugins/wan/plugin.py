@@ -1,8 +1,8 @@
 """The Wan plugin module (entry point ``wan = "plugins.wan.plugin"`` in ``ditkit.plugins``): it only declares.
 
-Five models, each with a ``tiny`` preset (seeded random weights, CPU seconds) and a ``default``
-preset that loads the official checkpoint layout (MODELS.md §A1) with the official generation
-defaults (§A6).  The pipeline is :class:`plugins.wan.pipeline.WanPipeline` for all of them.
+Five models, each with a ``tiny`` preset (seeded random weights, CPU seconds) and an ``official``
+preset that loads the official checkpoint layout (docs/models.md, Wan checkpoint layout) with the official generation
+defaults.  The pipeline is :class:`plugins.wan.pipeline.WanPipeline` for all of them.
 """
 from __future__ import annotations
 
@@ -144,7 +144,10 @@ def _conformance(task: str) -> Conformance:
     return Conformance(
         call=call,
         sizes={"height": SizeRange(min=multiple, max=3 * multiple, multiple=multiple),
-               "width": SizeRange(min=multiple, max=3 * multiple, multiple=multiple)},
+               "width": SizeRange(min=multiple, max=3 * multiple, multiple=multiple),
+               "num_frames": SizeRange(min=5, max=9, multiple=4, offset=1)},
+        # 9 frames → 3 latent frames, a 3×1 token grid: 9 tokens, remainder 1 on 2 and on 4 ranks
+        uneven_call={"num_frames": 9, "height": 3 * multiple, "width": multiple},
         bad_inputs=bad,
     )
 
@@ -198,6 +201,10 @@ _MODELS = {
 }
 
 
+def _small(tiny_config: dict) -> dict:
+    return {**tiny_config, "dit": {**tiny_config["dit"], "dim": 512, "ffn_dim": 2048, "num_heads": 4, "num_layers": 4}}
+
+
 def model_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of one released Wan model."""
     repo, aliases, description, tiny_defaults, defaults = _MODELS[name]
@@ -213,7 +220,13 @@ def model_spec(name: str) -> ModelSpec:
         presets={
             "tiny": Preset(description="tiny DiT/VAE/umT5, seeded random weights, CPU seconds",
                            config=tiny_config, random_weights=True, defaults=tiny_defaults),
-            "default": Preset(description=f"the official checkpoint {repo}, official generation defaults",
+            "small": Preset(description="a 4-layer DiT of width 512 (4 heads of 128) over the tiny VAE and umT5, "
+                                        "seeded random weights: CPU benchmarks (ditkit bench)",
+                            config=_small(tiny_config), random_weights=True,
+                            # 160×240, 9 frames: 3 latent frames of 10×15 tokens (450 tokens)
+                            defaults={**tiny_defaults, "height": 160 * (2 if task == "ti2v" else 1),
+                                      "width": 240 * (2 if task == "ti2v" else 1), "num_frames": 9}),
+            "official": Preset(description=f"the official checkpoint {repo}, official generation defaults",
                               config=real_config, defaults=defaults),
         },
         weights=_layout(repo, two_experts, vae_file),

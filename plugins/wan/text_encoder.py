@@ -1,20 +1,20 @@
 """umT5-XXL text encoder of Wan (``models_t5_umt5-xxl-enc-bf16.pth``) and its tokenizer.
 
 :class:`UMT5Encoder` is the official ``T5Encoder`` in plain PyTorch: ``state_dict()`` is the
-published file's layout (MODELS.md §A5, fingerprint ``9c8818c2cbea55eca56c7b447df170da``), so
+published file's layout (docs/models.md, umT5; fingerprint ``9c8818c2cbea55eca56c7b447df170da``), so
 ``torch.load(path, mmap=True, weights_only=True)`` loads with ``load_state_dict(strict=True)``
 and no key map.  (``transformers.UMT5EncoderModel`` computes the same function, see the tests,
 but its ``state_dict()`` holds the tied embedding twice, ``shared`` and ``encoder.embed_tokens``,
 which a one-key-to-one-key loader cannot fill; :func:`official_to_transformers` maps the names
 for anyone who loads the file into it.)
 
-Math (§A5, §E19): pre-norm layers with T5 RMS norms (variance in float32), attention without
+Math: pre-norm layers with T5 RMS norms (variance in float32), attention without
 the 1/√d scale and with a relative-position bias table per layer, masked keys at the dtype's
 minimum, softmax in float32, gated-GELU(tanh) FFN, a final norm, no embedding scaling.
 
 :class:`WanPromptEncoder` is the official ``T5EncoderModel.__call__``: clean the text, tokenize
 with EOS, pad/truncate to 512, run the encoder with the padding mask, and zero every row after
-each prompt's length.  The DiT then sees all 512 rows (zeros included; §A2 step 4).
+each prompt's length.  The DiT then sees all 512 rows (zeros included).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int = 32, max_d
     """Bidirectional T5 bucket of ``rel_pos = key position - query position``.
 
     Half the buckets are for positive offsets; within a half, offsets below half of it are
-    exact and the rest are log-spaced up to ``max_distance`` (§A5).
+    exact and the rest are log-spaced up to ``max_distance``.
     """
     half = num_buckets // 2
     buckets = (rel_pos > 0).long() * half
@@ -143,7 +143,7 @@ class T5Attention(nn.Module):
         bias = pos_bias.to(x.dtype).expand(x.shape[0], -1, -1, -1)
         if mask is not None:
             bias = bias.masked_fill(mask[:, None, None, :] == 0, torch.finfo(x.dtype).min)
-        # No 1/sqrt(d): T5 folds it into the initialisation (§E19).
+        # No 1/sqrt(d): T5 folds it into the initialisation.
         logits = torch.einsum("binc,bjnc->bnij", q, k) + bias
         weights = F.softmax(logits.float(), dim=-1).type_as(logits)
         out = torch.einsum("bnij,bjnc->binc", weights, v)
@@ -204,7 +204,7 @@ class UMT5Encoder(nn.Module):
 
 
 def official_to_transformers(key: str) -> str | None:
-    """Official umT5 key -> ``transformers.UMT5EncoderModel`` key (MODELS.md §A5 table).
+    """Official umT5 key -> ``transformers.UMT5EncoderModel`` key (docs/models.md, umT5).
 
     ``token_embedding.weight`` maps to ``shared.weight``; transformers ties
     ``encoder.embed_tokens.weight`` to it.

@@ -1,13 +1,12 @@
 """Wan2.1 video VAE (``Wan2.1_VAE.pth``; z_dim 16, stride 8×8 in space and 4 in time).
 
-Plain PyTorch modules whose ``state_dict()`` is the official checkpoint layout (MODELS.md §A3,
-fingerprint ``ccc42284ea13e1ad04693284c7a09be6``): ``torch.load(path, mmap=True,
+Plain PyTorch modules whose ``state_dict()`` is the official checkpoint layout (docs/models.md, Wan VAEs; fingerprint ``ccc42284ea13e1ad04693284c7a09be6``): ``torch.load(path, mmap=True,
 weights_only=True)`` followed by ``load_state_dict(strict=True)`` needs no key conversion.
 
 The building blocks (causal conv with a temporal cache, ``RMS_norm``, residual, attention and
 resample blocks) and the tiled decoder are shared with the Wan2.2 VAE in ``vae22.py``.
 
-Temporal processing follows the official code exactly (MODELS.md §A3, §E17):
+Temporal processing follows the official code exactly (docs/models.md, Wan VAEs):
 
 * the encoder sees frame 0 alone, then chunks of 4 frames; each chunk yields one latent frame;
 * the decoder sees one latent frame at a time; the first yields 1 frame, every later one 4,
@@ -22,7 +21,7 @@ the per-chunk graph only branches on Python values that are fixed per chunk (``f
 whether a cache slot is filled), never on tensor values.
 
 Latent normalisation happens inside :meth:`WanVAE.encode` and :meth:`WanVAE.decode`
-(``z = (μ - mean) / std``, constants of MODELS.md Appendix A); pass ``normalize=False`` /
+(``z = (μ - mean) / std``, constants of docs/models.md, Wan VAEs); pass ``normalize=False`` /
 ``normalized=False`` to work with raw μ. The helpers :meth:`WanVAE.normalize_latents` and
 :meth:`WanVAE.denormalize_latents` do only that step.
 """
@@ -111,7 +110,7 @@ class CausalConv3d(nn.Conv3d):
 
 class RMS_norm(nn.Module):
     """``F.normalize(x, dim=1) · √C · γ``: an L2 normalisation over channels (eps 1e-12 on the
-    norm), not a mean-square RMSNorm with eps 1e-6 (MODELS.md §E16).  ``γ`` is (C,1,1,1) for
+    norm), not a mean-square RMSNorm with eps 1e-6 (docs/models.md, Wan VAEs).  ``γ`` is (C,1,1,1) for
     video tensors and (C,1,1) for the per-frame images inside attention."""
 
     def __init__(self, dim: int, images: bool = True):

@@ -1,6 +1,6 @@
 """Wan2.2 video VAE (``Wan2.2_VAE.pth``, TI2V-5B; z_dim 48, stride 16×16 in space, 4 in time).
 
-``state_dict()`` is the official layout (MODELS.md §A4, fingerprint
+``state_dict()`` is the official layout (docs/models.md, Wan VAEs; fingerprint
 ``e1de6c02cdac79f8b739f4d3698cd216``).  Differences from Wan2.1 (``vae.py``, whose blocks,
 temporal cache rules, normalisation handling and tiled decode are reused):
 

@@ -1,4 +1,4 @@
-"""Loading the official Wan checkpoint layout (MODELS.md §A1) through ``core.load``.
+"""Loading the official Wan checkpoint layout (docs/models.md, Wan checkpoint layout) through ``core.load``.
 
 The tests write a checkpoint directory at tiny shapes from a tiny pipeline built with other
 random weights (seed 1): the DiT as sharded safetensors with its index json (in

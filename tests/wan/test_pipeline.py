@@ -14,7 +14,7 @@ import plugins.wan.plugin as wan_plugin
 from core.outputs import Output, write_output
 from plugins.wan.pipeline import NEGATIVE_PROMPT, expert_steps
 
-av = pytest.importorskip("av")
+import av  # noqa: E402  (a dependency: the MP4 writer)
 
 MODELS = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"]
 
@@ -54,7 +54,7 @@ def test_every_model_is_registered_with_its_declarations(registry):
     assert registry.model("wan").spec.name == "wan2.1-t2v-1.3b"
     for name in MODELS:
         spec = registry.model(name).spec
-        assert set(spec.presets) == {"tiny", "default"} and not spec.presets["default"].random_weights
+        assert set(spec.presets) == {"tiny", "small", "official"} and not spec.presets["official"].random_weights
         two = name.endswith("a14b")
         dits = ["dit", "dit_low"] if two else ["dit"]
         assert spec.compilable_models == dits
@@ -68,9 +68,9 @@ def test_every_model_is_registered_with_its_declarations(registry):
         paths = [f.path for f in spec.weights.files]
         assert ("Wan2.2_VAE.pth" if "ti2v" in name else "Wan2.1_VAE.pth") in paths
         assert ("high_noise_model/diffusion_pytorch_model.safetensors" in paths) == two
-    a14b = registry.model("wan2.2-t2v-a14b").spec.presets["default"].defaults
+    a14b = registry.model("wan2.2-t2v-a14b").spec.presets["official"].defaults
     assert (a14b["num_inference_steps"], a14b["shift"], a14b["boundary"], a14b["guidance_scale"], a14b["guidance_scale_low"]) == (40, 12.0, 0.875, 4.0, 3.0)
-    ti2v = registry.model("wan2.2-ti2v-5b").spec.presets["default"].defaults
+    ti2v = registry.model("wan2.2-ti2v-5b").spec.presets["official"].defaults
     assert (ti2v["width"], ti2v["height"], ti2v["num_frames"], ti2v["fps"]) == (1280, 704, 121, 24)
 
 
@@ -117,7 +117,7 @@ def test_two_experts_switch_at_the_boundary_with_their_own_cfg_scale(pipes, monk
     ts = [float(t) for _, t, _ in record[::2]]
     assert all(t >= 875 for t in ts[:3]) and ts[3] < 875
     assert scales == [4.0, 4.0, 4.0, 3.0]
-    # the official 40-step schedules (MODELS.md §A6)
+    # the official 40-step schedules (docs/models.md, Wan pipeline)
     assert expert_steps(40, 12.0, 0.875).count("dit") == 26
     assert expert_steps(40, 5.0, 0.9).count("dit") == 15
 
@@ -203,7 +203,7 @@ def test_bad_inputs_fail_before_any_work(pipes, model, kwargs):
 
 def test_real_preset_needs_weights():
     with pytest.raises(core.WeightsError):
-        core.load("wan2.2-t2v-a14b", preset="default", device="cpu")
+        core.load("wan2.2-t2v-a14b", preset="official", device="cpu")
 
 
 def test_mp4_writer_round_trip(pipes, tmp_path):

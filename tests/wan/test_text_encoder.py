@@ -22,11 +22,11 @@ from plugins.wan.text_encoder import (
     tiny_tokenizer,
 )
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a dependency: the tokenizer; here also the parity reference)
 
 
 def fingerprint(state_dict) -> str:
-    """Key-set fingerprint of MODELS.md §0."""
+    """Key-set fingerprint of docs/models.md (fingerprints)."""
     items = []
     for name, tensor in state_dict.items():
         items += [name + ":" + "_".join(str(s) for s in tensor.shape), name]
@@ -43,7 +43,7 @@ def test_xxl_official_key_layout():
 
 
 def test_bucket_function_matches_models_md():
-    def f(n):  # MODELS.md §A5, one half of the buckets
+    def f(n):  # docs/models.md, umT5: one half of the buckets
         return n if n < 8 else min(15, 8 + math.floor(math.log(n / 8) / math.log(128 / 8) * 8))
 
     rel = torch.arange(-300, 301)

@@ -2,7 +2,7 @@
 
 Parity reference: ``diffusers.AutoencoderKLWan`` (an independent port of the official code,
 with other key names).  The tiny VAEs get random weights, the weights are renamed to diffusers'
-keys (mapping below, MODELS.md §A3 table) and both run the same fp32 9-frame video / 3-frame
+keys (mapping below, docs/models.md, Wan VAEs) and both run the same fp32 9-frame video / 3-frame
 latent.  Tolerance: the two run the same fp32 ops on identically padded tensors, so raw μ and
 the decoded video came out bit-identical on CPU (torch 2.13, diffusers 0.42.1); we assert a
 max error ≤ 1e-5 relative to the output's max magnitude, which leaves room for other kernels
@@ -34,7 +34,7 @@ REL_TOL = 1e-5
 
 
 def fingerprint(sd: dict[str, torch.Tensor]) -> str:
-    """MODELS.md §0 key-set fingerprint."""
+    """docs/models.md (fingerprints)."""
     parts = []
     for name, t in sd.items():
         parts += [f"{name}:{'_'.join(map(str, t.shape))}", name]
@@ -113,7 +113,7 @@ def test_pth_round_trip(which, vae21, vae22, tmp_path):
 
 
 def _to_diffusers_key(key: str, v22: bool) -> str:
-    """Official → diffusers names (MODELS.md §A3 table; the 2.2 block layout of §A4)."""
+    """Official → diffusers names (docs/models.md, Wan VAEs)."""
     k = key
     if v22:
         k = re.sub(r"^encoder\.downsamples\.(\d+)\.downsamples\.2\.", r"encoder.down_blocks.\1.downsampler.", k)
@@ -143,7 +143,7 @@ def _to_diffusers_key(key: str, v22: bool) -> str:
 
 
 def _diffusers_twin(model: WanVAE, v22: bool):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     if v22:
         cfg = WAN22_VAE_TINY_CONFIG
         ref = diffusers.AutoencoderKLWan(
@@ -224,7 +224,7 @@ def test_causal(vae21, vae22):
 
 
 def test_rms_norm_is_l2_normalize():
-    """RMS_norm = x / max(‖x‖₂ over channels, 1e-12) · √C · γ (MODELS.md §E16): exactly scale
+    """RMS_norm = x / max(‖x‖₂ over channels, 1e-12) · √C · γ (docs/models.md, Wan VAEs): exactly scale
     invariant down to tiny inputs, unlike an RMSNorm with eps 1e-6 inside the mean square."""
     norm = RMS_norm(6, images=False)
     with torch.no_grad():

@@ -19,7 +19,7 @@ PATCH = 2
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """[cos(t·ω), sin(t·ω)], ω_j = 10000^(−j/half) (MODELS.md S2)."""
+    """[cos(t·ω), sin(t·ω)], ω_j = 10000^(−j/half) (docs/models.md, timestep features)."""
     half = dim // 2
     omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * omega[None]

@@ -10,7 +10,6 @@ from .model import LATENT_CHANNELS, VAE_SCALE, ByteTextEncoder, ExampleDiT, Tiny
 
 
 class ExamplePipeline(Pipeline):
-    compilable_models = ("dit", "vae")
     defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 64, "width": 64, "shift": 3.0}
 
     def __init__(self, config: dict, *, device, dtype, weights=None, seed: int = 0):

@@ -8,6 +8,7 @@ from core.spec import (
     Preset,
     SequenceGather,
     SequenceSplit,
+    SizeRange,
     UspAdapter,
     WeightFile,
     WeightsLayout,
@@ -54,7 +55,12 @@ def ditkit_register_models():
                     sites={"self": AttentionSite(strategy="parallel"), "cross": AttentionSite(strategy="local")},
                 )
             ],
-            capabilities=Capabilities(output="image", size_multiple=16, max_prompt_tokens=64, usp=True),
-            conformance=Conformance(uneven_call={"height": 48, "width": 112}),  # 3×7 = 21 image tokens
+            # sizes are multiples of VAE scale 4 × patch 2 = 8, so token grids can be odd
+            capabilities=Capabilities(output="image", size_multiple=8, max_prompt_tokens=64, usp=True),
+            conformance=Conformance(
+                sizes={"height": SizeRange(min=32, max=80, multiple=8), "width": SizeRange(min=32, max=80, multiple=8)},
+                # (40/8)·(56/8) = 35 image tokens: remainder 1 on 2 ranks, 3 on 4 ranks
+                uneven_call={"height": 40, "width": 56},
+            ),
         )
     ]

@@ -1,0 +1,294 @@
+"""``ditkit bench``: eager against compiled variants of one model, measured in one process.
+
+For each variant (``eager``, ``regional``: :meth:`Pipeline.compile_pipeline`, ``whole``: the DiT's
+``forward`` compiled as one region) the bench builds the preset with seeded random weights (no
+checkpoint: a real-size preset is built from its config), then reports
+
+* ``build_s``: building the pipeline;
+* ``first_call_s``: the first generation, compilation included (what a user waits for);
+* ``step_s``: the median time of one DiT forward over the measured steps after the warm-up
+  (CUDA events on a GPU, ``perf_counter`` on a CPU), and ``ratio_to_eager`` (eager / variant, so
+  above 1 is faster), eager measured in the same process;
+* ``graphs``, ``graph_breaks``, ``recompiles``: from dynamo's counters for that variant;
+* ``peak_host_mb`` (the process's peak resident memory so far) and ``peak_device_mb``.
+
+The DiT is the first compilable component with repeated blocks (or the first compilable one);
+its forward is timed through hooks, so the bench needs nothing model-specific. Guidance is 1.0
+(one DiT call per step) unless ``guidance_scale`` is given.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["VARIANTS", "BenchResult", "run_bench", "format_bench", "environment"]
+
+VARIANTS = ("eager", "regional", "whole")
+PROMPT = "a red fox running through fresh snow, golden hour"
+
+
+@dataclass
+class BenchResult:
+    variant: str
+    build_s: float
+    first_call_s: float
+    step_s: float
+    step_times_s: list[float]
+    ratio_to_eager: float | None = None
+    graphs: int = 0
+    graph_breaks: int = 0
+    recompiles: int = 0
+    peak_host_mb: float = 0.0
+    peak_device_mb: float | None = None
+    tokens: int | None = None
+    compiled: dict[str, int] = field(default_factory=dict)
+    """Graphs per compiled region (``regional``: one per block class)."""
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The card and the versions the figures depend on."""
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                           "threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - not installed on CPU machines
+        env["triton"] = None
+    if device.type == "cuda":
+        env.update(card=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def _dit_name(pipe) -> str:
+    from .compile import repeated_block_names
+
+    spec = pipe.spec
+    comps = pipe.components()
+    for name in spec.compilable_models:
+        if repeated_block_names(comps[name], spec.repeated_blocks.get(name, ())):
+            return name
+    if not spec.compilable_models:
+        raise InputError(f"model {spec.name!r} declares no compilable component to benchmark")
+    return spec.compilable_models[0]
+
+
+class _Timer:
+    """Times every forward of one module; records the token count of its first repeated block."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, block_cls: type | None):
+        self.device, self.times, self.tokens = device, [], None
+        self._start = None
+        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+        if block_cls is not None:
+            first = next(m for m in module.modules() if type(m) is block_cls)
+            self._handles.append(first.register_forward_pre_hook(self._tokens))
+
+    def _tokens(self, module, args):
+        if self.tokens is None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+            self.tokens = int(args[0].shape[1])
+
+    def _pre(self, module, args):
+        if self.device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        if self.device.type == "cuda":
+            self._end.record()
+            torch.cuda.synchronize(self.device)
+            self.times.append(self._start.elapsed_time(self._end) / 1000.0)
+        else:
+            self.times.append(time.perf_counter() - self._start)
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _build(spec, preset: str, device: torch.device, dtype: torch.dtype):
+    from .loading import _attach
+
+    chosen = spec.presets[preset]
+    with torch.device(device):  # random init straight on the device (a real-size model on a GPU)
+        pipe = spec.pipeline(dict(chosen.config), device=device, dtype=dtype, weights=None)
+    _attach(pipe, spec, chosen)
+    return pipe
+
+
+def _compile(pipe, variant: str, dit: str):
+    if variant == "regional":
+        return pipe.compile_pipeline()
+    if variant == "whole":
+        module = getattr(pipe, dit)
+        module.forward = torch.compile(module.forward, dynamic=True)
+    return None
+
+
+def run_bench(
+    name: str,
+    *,
+    preset: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    compare: tuple[str, ...] = ("eager", "regional"),
+    steps: int = 5,
+    warmup: int = 1,
+    attention: str | None = None,
+    progress: bool | None = None,
+    **call: Any,
+) -> dict[str, Any]:
+    """Benchmark ``compare`` variants of model ``name``; returns the JSON-ready report.
+
+    ``call`` holds generation arguments (``height``, ``width``, ``num_frames``, ...); unset ones
+    take the preset's defaults. Each variant runs a first call (``warmup`` steps: compilation),
+    then ``steps`` measured steps.
+    """
+    from tqdm.auto import tqdm
+
+    from . import attention as attn
+    from .loading import default_device, resolve_dtype
+    from .registry import get_registry
+
+    unknown = [v for v in compare if v not in VARIANTS]
+    if unknown or not compare:
+        raise InputError(f"unknown bench variant(s) {unknown or compare}; choose from {', '.join(VARIANTS)}")
+    if not isinstance(steps, int) or steps < 1 or not isinstance(warmup, int) or warmup < 1:
+        raise InputError(f"steps and warmup must be positive integers, got {steps!r} and {warmup!r}")
+    spec = get_registry().model(name).spec
+    preset = preset or spec.default_preset
+    if preset not in spec.presets:
+        raise InputError(f"model {spec.name!r} has no preset {preset!r}; presets: {', '.join(sorted(spec.presets))}")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    call = {k: v for k, v in call.items() if v is not None}
+    call.setdefault("guidance_scale", 1.0)
+    results: list[BenchResult] = []
+    kernel = attn.use_kernel(attention) if attention else None
+    if kernel is not None:
+        kernel.__enter__()
+    try:
+        for variant in tqdm(compare, desc=f"bench {spec.name}", disable=None if progress is None else not progress):
+            results.append(_one(spec, preset, device, dtype, variant, steps, warmup, call))
+    finally:
+        if kernel is not None:
+            kernel.__exit__(None, None, None)
+    eager = next((r for r in results if r.variant == "eager"), None)
+    for r in results:
+        r.ratio_to_eager = (eager.step_s / r.step_s) if eager is not None and r.step_s > 0 else None
+    return {"model": spec.name, "preset": preset, "dtype": str(dtype).removeprefix("torch."),
+            "call": {k: v for k, v in call.items() if isinstance(v, (int, float, str, bool))},
+            "steps": steps, "warmup": warmup, "attention": attention or attn.selected_kernel_name(),
+            "environment": environment(device), "results": [asdict(r) for r in results]}
+
+
+def _one(spec, preset, device, dtype, variant, steps, warmup, call) -> BenchResult:
+    from torch._dynamo.utils import counters
+
+    from .compile import repeated_block_names
+
+    torch._dynamo.reset()
+    counters.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    pipe = _build(spec, preset, device, dtype)
+    build_s = time.perf_counter() - start
+    dit = _dit_name(pipe)
+    module = getattr(pipe, dit)
+    names = repeated_block_names(module, spec.repeated_blocks.get(dit, ()))
+    block_cls = next((type(m) for m in module.modules() if names and type(m).__name__ == names[0]), None)
+    report = _compile(pipe, variant, dit)
+    timer = _Timer(module, device, block_cls)
+    try:
+        start = time.perf_counter()
+        pipe(PROMPT, seed=0, num_inference_steps=warmup, progress=False, **call)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first_call_s = time.perf_counter() - start
+        graphs_after_first = counters["stats"]["unique_graphs"]
+        timer.times.clear()
+        pipe(PROMPT, seed=1, num_inference_steps=steps, progress=False, **call)
+    finally:
+        timer.remove()
+    graphs = counters["stats"]["unique_graphs"]
+    return BenchResult(
+        variant=variant, build_s=round(build_s, 4), first_call_s=round(first_call_s, 4),
+        step_s=statistics.median(timer.times), step_times_s=[round(t, 5) for t in timer.times],
+        graphs=graphs, graph_breaks=sum(counters["graph_break"].values()),
+        recompiles=graphs - graphs_after_first, peak_host_mb=round(_peak_host_mb(), 1),
+        peak_device_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        tokens=timer.tokens, compiled=report.graphs() if report is not None else {},
+    )
+
+
+def _peak_host_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def format_bench(report: dict) -> str:
+    """The report as a table."""
+    env = report["environment"]
+    card = env.get("card") or env["processor"]
+    head = (f"ditkit bench {report['model']} [{report['preset']}] {report['dtype']} on {card} "
+            f"(torch {env['torch']}, triton {env['triton']}, {env['threads']} threads), call {report['call']}, "
+            f"{report['steps']} steps")
+    cols = ("variant", "build s", "first call s", "step s", "vs eager", "graphs", "breaks", "recompiles",
+            "host MB", "device MB", "tokens")
+    rows = [cols]
+    for r in report["results"]:
+        ratio = f"{r['ratio_to_eager']:.2f}x" if r["ratio_to_eager"] is not None else "-"
+        rows.append((r["variant"], f"{r['build_s']:.2f}", f"{r['first_call_s']:.2f}", f"{r['step_s']:.4f}", ratio,
+                     str(r["graphs"]), str(r["graph_breaks"]), str(r["recompiles"]), f"{r['peak_host_mb']:.0f}",
+                     "-" if r["peak_device_mb"] is None else f"{r['peak_device_mb']:.0f}", str(r["tokens"] or "-")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join([head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows])
+
+
+def add_arguments(parser) -> None:
+    """The ``ditkit bench`` options (the CLI registers the subcommand with these)."""
+    parser.add_argument("model")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-frames", type=int, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--attention", default=None, help="attention kernel (default: DITKIT_ATTENTION or sdpa)")
+    parser.add_argument("--compare", default="eager,regional", help=f"comma-separated variants of {','.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=5, help="measured DiT steps per variant (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args) -> int:
+    """Run ``ditkit bench`` with parsed ``args``; print the table, write ``--json``."""
+    report = run_bench(
+        args.model, preset=args.preset, device=args.device, dtype=args.dtype,
+        compare=tuple(v.strip() for v in args.compare.split(",") if v.strip()), steps=args.steps,
+        warmup=args.warmup, attention=args.attention, progress=False if args.no_progress else None,
+        height=args.height, width=args.width, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
+    )
+    print(format_bench(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

@@ -142,8 +142,17 @@ def _read_image(path: str):
         raise InputError(f"cannot read --image {path!r}: {exc}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``ditkit: error:`` line, exit status 2 (argparse
+    prints the usage first; ``-h`` still shows it)."""
+
+    def error(self, message: str):
+        sub = self.prog[len("ditkit"):].strip()
+        self.exit(2, f"ditkit: error: {sub + ': ' if sub else ''}{message} (see '{self.prog} -h')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditkit", description="Accelerated diffusion-transformer inference, per-model plugins.")
+    parser = _Parser(prog="ditkit", description="Accelerated diffusion-transformer inference, per-model plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list installed plugins, their models, hooks, versions and load errors")

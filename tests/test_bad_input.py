@@ -107,6 +107,16 @@ def test_cli_generation_input_is_one_error_line_and_no_file(case_id, argv, culpr
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv, culprit", [(["run", T2V, "--steps", "abc"], "--steps"), (["frob"], "frob"), ([], "command")])
+def test_cli_usage_errors_are_one_line_too(argv, culprit, capsys):
+    from core.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("ditkit: error:") and culprit in err
+
+
 def test_load_errors_name_the_option_and_device():
     with pytest.raises(InputError, match="'foo'.*known options.*vae_dtype"):
         core.load(T2V, device="cpu", foo=1)
@@ -296,9 +306,11 @@ def test_write_output_errors_are_output_errors(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_mp4_of_an_image_model_fails_before_work_on_the_cli(example, capsys, tmp_path):
+def test_mp4_of_an_image_model_fails_before_work_on_the_cli(example, capsys, tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(core.loading, "load_spec", lambda *a, **k: built.append(a))
     code, err = cli(capsys, "run", "example", "--out", tmp_path / "x.mp4")
-    assert code == 2 and ".png" in err and leftovers(tmp_path) == []
+    assert code == 2 and ".png" in err and leftovers(tmp_path) == [] and built == []
 
 
 def test_read_only_directory_fails_before_work():

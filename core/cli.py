@@ -89,14 +89,20 @@ def _cmd_run(args) -> int:
         out = args.out or default_output_name(pipe.spec.name, pipe.spec.capabilities.output)
         if is_main:
             check_output_path(out, pipe.spec.capabilities.output)
-    if args.compile:
-        report = pipe.compile_pipeline()
+    if args.compile or args.compile_cache:
+        report = pipe.compile_pipeline(cache_dir=args.compile_cache)
         if is_main:
             print(report)
+            if report.bundle_loaded:
+                print(f"loaded compile cache {report.bundle_loaded}")
     gen = _generation_args(args)
     start = time.perf_counter()
     output = pipe(args.prompt, seed=args.seed, progress=False if args.no_progress else None, **gen)
     elapsed = time.perf_counter() - start
+    if args.compile_cache and is_main:
+        saved = pipe.save_compile_cache()  # after the generation: the bundle holds what it compiled
+        if saved:
+            print(f"saved compile cache {saved}")
     if is_main:
         written = core.write_output(output, out)
         print(f"wrote {', '.join(map(str, written))} ({output.kind}, {tuple(output.tensor().shape)}) in {elapsed:.2f} s")
@@ -175,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     r.add_argument("--compile", action="store_true", help="compile_pipeline() first and print its report")
+    r.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="compile, loading the matching portable compile-cache bundle from DIR; save it after the run")
     r.add_argument("--usp", action="store_true", help="sequence-parallel across the ranks of this torchrun job")
     r.add_argument("--nproc", type=int, default=0, help="launch N local processes (CPU: gloo) and run with --usp")
     r.add_argument("--out", default=None, help="output file (PNG for images, MP4 for video, WAV for audio)")

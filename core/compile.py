@@ -41,12 +41,14 @@ class CompileReport:
     options: dict = field(default_factory=dict)
     cache_dir: str | None = None
     """Where compiled kernels are cached across processes (see :func:`persistent_cache_dir`)."""
+    bundle_loaded: str | None = None
+    """The portable compile-cache bundle loaded before compiling, if any (``compile_pipeline(cache_dir=)``)."""
 
     def components(self) -> list[str]:
         return sorted({p.component for p in self.parts})
 
     def to_dict(self) -> dict:
-        return {"options": self.options, "cache_dir": self.cache_dir,
+        return {"options": self.options, "cache_dir": self.cache_dir, "bundle_loaded": self.bundle_loaded,
                 "parts": [{k: v for k, v in asdict(p).items() if k != "code"} for p in self.parts]}
 
     def graphs(self) -> dict[str, int]:

@@ -154,6 +154,7 @@ def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
     if plugin is not None:
         pipe.plugin_name = plugin
     pipe.preset_defaults = dict(preset.defaults)
+    pipe.preset_config = dict(preset.config)
 
 
 def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None) -> Pipeline:

@@ -44,6 +44,8 @@ class Pipeline:
         self.dtype = dtype
         self.spec = None  # the ModelSpec, attached by core.load
         self.preset_defaults: dict[str, Any] = {}
+        self.preset_config: dict[str, Any] | None = None  # the preset's config, attached by core.load
+        self._compile_bundle = None  # (path, key) of the portable compile cache, see compile_pipeline
         self.compile_report: CompileReport | None = None
         self.parallel = None  # the USP runtime, attached by core.load(use_usp=True)
 
@@ -75,6 +77,7 @@ class Pipeline:
         dynamic: bool | None = True,
         fullgraph: bool = False,
         compile_models: Iterable[str] | None = None,
+        cache_dir: str | None = None,
         **kwargs,
     ) -> CompileReport:
         """Compile the pipeline's components with ``torch.compile``.
@@ -84,6 +87,10 @@ class Pipeline:
         block class, shared by every instance; others are compiled whole, including the methods the
         pipeline calls on them (a VAE's ``decode``). Extra ``kwargs`` go to ``torch.compile``.
         Returns (and keeps in ``self.compile_report``) what was compiled and how.
+
+        ``cache_dir`` names a folder of portable compile-cache bundles (:mod:`core.compile_cache`):
+        the bundle matching this process (torch, triton, device, model, preset, dtype, options,
+        parallel layout) is loaded first; :meth:`save_compile_cache` writes it after a warm-up.
         """
         allowed = self._compilable()
         names = list(compile_models) if compile_models is not None else allowed
@@ -98,6 +105,14 @@ class Pipeline:
         if absent:
             raise CompileError(f"compilable component(s) {absent} are not nn.Module attributes of {type(self).__name__}")
         options = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, **kwargs}
+        loaded = None
+        if cache_dir is not None:
+            from .compile_cache import bundle_key, bundle_path, load_bundle
+
+            key = {**bundle_key(self, options), "components": sorted(names)}
+            path = bundle_path(cache_dir, key)
+            self._compile_bundle = (path, key)
+            loaded = str(path) if load_bundle(path) else None
         spec = self.spec
         report = compile_components(
             {n: components[n] for n in names},
@@ -105,8 +120,19 @@ class Pipeline:
             methods=dict(spec.compiled_methods) if spec is not None else {},
             options=options,
         )
+        report.bundle_loaded = loaded
         self.compile_report = report
         return report
+
+    def save_compile_cache(self):
+        """Write the portable compile-cache bundle of ``compile_pipeline(cache_dir=...)``: what this
+        process compiled so far, so call it after generating at the sizes you will use. Returns the
+        bundle's path (``None`` when nothing was compiled)."""
+        if self._compile_bundle is None:
+            raise CompileError("save_compile_cache() needs compile_pipeline(cache_dir=...) first")
+        from .compile_cache import save_bundle
+
+        return save_bundle(*self._compile_bundle)
 
     # -- generation ----------------------------------------------------------------------------
     def resolve(self, **kwargs) -> dict[str, Any]:

@@ -109,6 +109,10 @@ class SequenceSplit(_Record):
     at: Literal["input", "output"] = "input"
     arg: str | int | None = None
     dim: int = 1
+    expected_dims: int | None = None
+    """Split only a tensor with this many dimensions and leave any other whole (diffusers'
+    ``ContextParallelInput.expected_dims``: Wan's timestep is ``(B, L)`` per token for 2.2 TI2V and
+    ``(B,)`` for 2.1, where it broadcasts)."""
 
 
 class SequenceGather(_Record):

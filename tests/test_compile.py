@@ -152,3 +152,28 @@ def test_compiled_kernels_go_to_a_persistent_cache_keyed_by_torch_version(tmp_pa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
     assert compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={},
                               options={"backend": "eager"}).cache_dir == str(tmp_path / "mine")
+
+
+def test_portable_compile_cache_bundle_is_keyed_saved_after_warm_up_and_loaded(pipes, tmp_path):
+    import json
+
+    from core.compile_cache import bundle_key, bundle_path
+
+    eager, *_ = pipes
+    first = core.load("example-dit")
+    assert first.compile_pipeline(cache_dir=tmp_path).bundle_loaded is None  # nothing saved yet
+    out = first("a red fox", **ARGS).images
+    saved = first.save_compile_cache()  # after the warm-up: the bundle holds what it compiled
+    key = json.loads(saved.with_suffix(".json").read_text())
+    assert saved.is_file() and key["model"] == "example-dit" and key["torch"] == torch.__version__
+    torch._dynamo.reset()
+    second = core.load("example-dit")
+    assert second.compile_pipeline(cache_dir=tmp_path).bundle_loaded == str(saved)  # same key: loaded
+    assert torch.equal(second("a red fox", **ARGS).images, out)
+    # another dtype, compile option or parallel layout has another key: that bundle is never loaded
+    options = {"mode": "default", "dynamic": True, "fullgraph": False}
+    other = bundle_path(tmp_path, {**bundle_key(eager.to("cpu", torch.float64), options), "components": ["dit", "vae"]})
+    eager.to("cpu", torch.float32)
+    assert other != saved and not other.exists()
+    with pytest.raises(CompileError, match="cache_dir"):
+        eager.save_compile_cache()

@@ -125,6 +125,8 @@ def install_sequence_hooks(
         where = _where(component_name, rule, "split" if is_split else "gather")
 
         def transform(t, rule=rule, where=where, is_split=is_split):
+            if is_split and rule.expected_dims is not None and isinstance(t, torch.Tensor) and t.dim() != rule.expected_dims:
+                return t  # another variant's layout (a per-sample timestep): it broadcasts, every rank keeps it
             t = _check_tensor(t, rule.dim, where)
             size = t.shape[rule.dim]
             if is_split:

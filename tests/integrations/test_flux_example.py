@@ -1,0 +1,41 @@
+"""The diffusers Flux example plugin, installed for real: the kit's fast checks (the compile and
+USP checks are run with ``ditkit check diffusers-flux --usp 2`` / ``--usp 4``; the same mechanisms
+are tested on Flux, Wan and Qwen-Image directly in test_diffusers.py)."""
+from __future__ import annotations
+
+import pytest
+
+from ..conftest import EXAMPLES, pip_install_target
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+FAST = ["spec-valid", "presets-resolve", "tiny-builds", "weights-load", "weights-corrupt", "repeated-blocks",
+        "determinism", "end-to-end", "bad-input"]
+
+
+@pytest.fixture(scope="module")
+def flux_site(tmp_path_factory):
+    site = tmp_path_factory.mktemp("flux-site")
+    pip_install_target(site, EXAMPLES / "ditkit-diffusers-flux")
+    return site
+
+
+def test_flux_example_fast_checks(flux_site, on_path, monkeypatch):
+    monkeypatch.setenv("DITKIT_STRICT_PLUGINS", "1")
+    on_path(flux_site)
+    from core.registry import get_registry
+    from core.testing import KitOptions, Subject
+    from core.testing.checks import CHECKS
+    from core.testing.runner import run_one
+
+    record = get_registry().model("dflux")
+    assert record.distribution == "ditkit-diffusers-flux"
+    adapter = record.spec.usp[0]  # derived from diffusers' _cp_plan: image split, text whole at the joint site
+    assert {s.arg for s in adapter.splits} == {"hidden_states", "img_ids"} and set(adapter.sites) == {"joint"}
+    assert (24 // 8) * (40 // 8) % 2 and (24 // 8) * (40 // 8) % 4  # the declared uneven call: 15 tokens
+    assert record.spec.conformance.uneven_call == {"height": 24, "width": 40}
+    subject, done = Subject("diffusers-flux"), {}
+    for check in (c for c in CHECKS if c.id in FAST):
+        done[check.id] = result = run_one(check, subject, KitOptions(), {}, done)
+        assert result.status == "pass", f"{check.id}: {result.status}: {result.message}"

@@ -118,11 +118,22 @@ def _cmd_check(args) -> int:
     if not args.json:
         print(f"checking {subject.spec.name} ({subject.record.distribution}) ...", file=sys.stderr)
 
+    # On a terminal the progress line is rewritten in place and cleared before the table, so
+    # each result is shown once; piped, progress goes to stderr and the table to stdout.
+    live = not args.json and sys.stderr.isatty() and sys.stdout.isatty()
+
     def progress(result) -> None:
-        if not args.json:
-            print(f"  {result.id:<16} {result.status.upper():<6} {result.seconds:6.1f} s", file=sys.stderr)
+        if args.json:
+            return
+        line = f"  {result.id:<16} {result.status.upper():<6} {result.seconds:6.1f} s"
+        if live:
+            print(f"\r{line:<60}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr)
 
     results = run_checks(subject, opts, pattern=args.k, on_result=progress)
+    if live:
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
     print(to_json(subject, results) if args.json else format_table(subject, results))
     return 1 if failed(results) else 0
 
@@ -137,8 +148,17 @@ def _read_image(path: str):
         raise InputError(f"cannot read --image {path!r}: {exc}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``ditkit: error:`` line, exit status 2 (argparse
+    prints the usage first; ``-h`` still shows it)."""
+
+    def error(self, message: str):
+        sub = self.prog[len("ditkit"):].strip()
+        self.exit(2, f"ditkit: error: {sub + ': ' if sub else ''}{message} (see '{self.prog} -h')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditkit", description="Accelerated diffusion-transformer inference, per-model plugins.")
+    parser = _Parser(prog="ditkit", description="Accelerated diffusion-transformer inference, per-model plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list installed plugins, their models, hooks, versions and load errors")

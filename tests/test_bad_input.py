@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import core
@@ -105,6 +105,16 @@ def test_cli_generation_input_is_one_error_line_and_no_file(case_id, argv, culpr
     assert code == 2 and built == []  # refused before any model was built
     assert err.count("\n") == 1 and err.startswith("ditkit: error:") and culprit in err
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, culprit", [(["run", T2V, "--steps", "abc"], "--steps"), (["frob"], "frob"), ([], "command")])
+def test_cli_usage_errors_are_one_line_too(argv, culprit, capsys):
+    from core.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("ditkit: error:") and culprit in err
 
 
 def test_load_errors_name_the_option_and_device():
@@ -296,9 +306,11 @@ def test_write_output_errors_are_output_errors(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_mp4_of_an_image_model_fails_before_work_on_the_cli(example, capsys, tmp_path):
+def test_mp4_of_an_image_model_fails_before_work_on_the_cli(example, capsys, tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(core.loading, "load_spec", lambda *a, **k: built.append(a))
     code, err = cli(capsys, "run", "example", "--out", tmp_path / "x.mp4")
-    assert code == 2 and ".png" in err and leftovers(tmp_path) == []
+    assert code == 2 and ".png" in err and leftovers(tmp_path) == [] and built == []
 
 
 def test_read_only_directory_fails_before_work():
@@ -497,7 +509,8 @@ def test_signals_exit_cleanly_and_remove_the_temporary(tmp_path):
 
 _VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 40), st.sampled_from([0, 1, 5, 16, 17, 32, 2**70, -(2**70)]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6), st.just(torch.zeros(3, 0, 0)),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([NAN, INF, -INF, 0.0, 1.0, 4.5, -1.0, 1e308]),
+    st.text(max_size=6), st.just(torch.zeros(3, 0, 0)),
 )
 _KEYS = ["num_inference_steps", "guidance_scale", "guidance_scale_low", "height", "width", "num_frames", "shift",
          "fps", "seed", "negative_prompt", "tiled", "boundary", "image", "steps", "foo"]
@@ -506,6 +519,9 @@ _KEYS = ["num_inference_steps", "guidance_scale", "guidance_scale_low", "height"
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=4))
+@example({"guidance_scale": NAN})  # always tried: the cases users hit, besides the random draws
+@example({"shift": INF, "fps": 8})
+@example({"seed": 2**70})
 def test_random_arguments_give_output_or_input_error(t2v, args):
     call = {"num_inference_steps": 1, "height": 16, "width": 16, "num_frames": 1, **args}
     # keep valid draws tiny: the property is about the checks, not about large generations
@@ -518,3 +534,39 @@ def test_random_arguments_give_output_or_input_error(t2v, args):
     except InputError:
         return
     assert isinstance(out, Output) and out.kind == "video" and bool(torch.isfinite(out.video).all())
+
+
+def test_usp_under_torchrun_builds_on_the_ranks_gpu_before_anything_else(monkeypatch):
+    """``core.load(use_usp=True)`` on rank 3 of a torchrun job picks ``cuda:3`` (LOCAL_RANK) before
+    the factory runs, so no rank builds on GPU 0 (CUDA is faked: only the choice is tested)."""
+    from core.spec import ModelSpec, Preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    built = []
+
+    def factory(config, *, device, dtype, weights):
+        built.append((str(device), current[:]))
+        raise InputError("stop before building on a fake GPU")
+
+    spec = ModelSpec(name="gpu-probe", pipeline=factory, presets={"tiny": Preset(random_weights=True)})
+    for device in (None, "cuda"):
+        with pytest.raises(InputError, match="stop"):
+            core.loading.load_spec(spec, device=device, use_usp=True)
+    assert built == [("cuda:3", ["cuda:3"]), ("cuda:3", ["cuda:3", "cuda:3"])]
+
+
+def test_checking_a_long_prompt_prints_no_tokenizer_warning(t2v, caplog, monkeypatch):
+    import logging
+
+    from plugins.wan.text_encoder import tiny_tokenizer
+
+    # a fresh tokenizer: transformers prints this warning once per tokenizer object
+    monkeypatch.setattr(t2v.prompt_encoder, "tokenizer", tiny_tokenizer(t2v.prompt_encoder.text_len))
+    args = t2v.resolve(prompt="a fox " * 400, seed=0, **SMALL)
+    with caplog.at_level(logging.WARNING), pytest.raises(InputError, match="prompt is .* tokens"):
+        t2v.check_inputs(args)
+    assert not [r for r in caplog.records if "longer than the specified maximum" in r.getMessage()]

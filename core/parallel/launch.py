@@ -76,6 +76,17 @@ def _heartbeat(path: Path, parent: int) -> None:
         time.sleep(HEARTBEAT_SECONDS)
 
 
+def _no_named_semaphores() -> None:
+    """tqdm guards its bars with a multiprocessing lock (a named semaphore); a rank leaves through
+    ``os._exit``, so the resource tracker would report it as leaked ("There appear to be N leaked
+    semaphore objects") after every run. A rank's bars are its own: a thread lock is enough."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def _entry(fn, rank: int, nproc: int, outdir: str, args, kwargs, parent: int | None = None) -> None:
     out = Path(outdir)
     if parent is not None:
@@ -83,6 +94,7 @@ def _entry(fn, rank: int, nproc: int, outdir: str, args, kwargs, parent: int | N
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the launcher handles it
         (out / f"{rank}.alive").touch()  # the first beat before any work: from here the bound is the heartbeat's
         threading.Thread(target=_heartbeat, args=(out / f"{rank}.alive", parent), daemon=True).start()
+        _no_named_semaphores()
     try:
         result = fn(*args, **(kwargs or {}))
         payload = pickle.dumps(("ok", result))

@@ -198,7 +198,8 @@ class WanPipeline(Pipeline):
         frames = (n - 1) // self.vae.temporal_stride + 1
         s = self.vae.spatial_stride
         tokens = frames * (h // s // self.patch[1]) * (w // s // self.patch[2])
-        dit = 10 * tokens * self.dit.config.dim * torch.finfo(self.dtype).bits // 8
+        shards = self.parallel.mesh.sp_degree if self.parallel is not None else 1  # USP splits the tokens
+        dit = 10 * -(-tokens // shards) * self.dit.config.dim * torch.finfo(self.dtype).bits // 8
         video = 4 * 3 * n * h * w
         convs = [m.weight for m in self.vae.decoder.modules() if getattr(m, "weight", None) is not None and m.weight.dim() == 5]
         vae_dim = convs[-1].shape[1] if convs else 96  # input width of the last conv: full resolution

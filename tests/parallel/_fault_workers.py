@@ -34,3 +34,13 @@ def kill_rank_in_collective(bad_rank: int) -> None:
     time.sleep(0.5 if dist.get_rank() != bad_rank else 0)
     dist.all_reduce(torch.ones(1))  # the peer is gone: gloo raises a connection error here
     time.sleep(30)
+
+
+def tqdm_lock_kind() -> str:
+    """The lock tqdm guards a rank's bars with (a multiprocessing one is a named semaphore that
+    the resource tracker reports as leaked when the rank leaves through ``os._exit``)."""
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(2), disable=False):
+        pass
+    return type(tqdm.get_lock()).__name__

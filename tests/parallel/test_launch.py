@@ -142,3 +142,7 @@ def test_ranks_die_with_their_launcher_and_the_folder_goes(tmp_path):
         for _, _, proc in runs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_ranks_hold_no_named_semaphore_so_no_leak_warning_is_printed():
+    assert launch(_fault_workers.tqdm_lock_kind, 1, timeout=60) == "RLock"

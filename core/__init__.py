@@ -10,7 +10,10 @@
 from .errors import (
     CompileError,
     DitkitError,
+    GenerationError,
     InputError,
+    Interrupted,
+    OutputError,
     ParallelError,
     PluginError,
     RankFailed,
@@ -26,5 +29,6 @@ from .registry import get_registry, list_models
 __all__ = [
     "load", "list_models", "get_registry", "hookimpl", "Pipeline", "Output", "write_output",
     "DitkitError", "PluginError", "UnknownModelError", "WeightsError", "InputError", "CompileError", "ParallelError", "RankFailed",
+    "OutputError", "GenerationError", "Interrupted",
 ]
 __version__ = "0.1.0"

@@ -20,7 +20,8 @@ def _cmd_plugins(args) -> int:
     failures = [asdict(f) for f in registry.failures]
     models = {
         r.spec.name: {"plugin": r.plugin, "distribution": r.distribution, "aliases": r.spec.aliases,
-                      "presets": sorted(r.spec.presets), "output": r.spec.capabilities.output}
+                      "presets": sorted(r.spec.presets), "default_preset": r.spec.default_preset,
+                      "output": r.spec.capabilities.output}
         for r in registry.models()
     }
     if args.json:
@@ -34,7 +35,8 @@ def _cmd_plugins(args) -> int:
         for m in p["models"]:
             info = models[m]
             aliases = f" (aliases: {', '.join(info['aliases'])})" if info["aliases"] else ""
-            print(f"  model:  {m}{aliases}  presets: {', '.join(info['presets'])}  output: {info['output']}")
+            presets = ", ".join(f"{n} (default)" if n == info["default_preset"] else n for n in info["presets"])
+            print(f"  model:  {m}{aliases}  presets: {presets}  output: {info['output']}")
     for f in failures:
         print(f"{f['plugin']}  ({f['distribution']})  FAILED TO LOAD: {f['error']}")
     return 0
@@ -63,9 +65,20 @@ def _preflight(args) -> str:
     kind = spec.capabilities.output
     out = args.out or default_output_name(spec.name, kind)
     check_output_path(out, kind)
+    _check_wav(args, kind)
     check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
                prompt=args.prompt, seed=args.seed, **_generation_args(args))
     return out
+
+
+def _check_wav(args, kind: str) -> None:
+    from .outputs import check_output_path
+
+    if args.wav is None:
+        return
+    if "audio" not in kind:
+        raise InputError(f"--wav writes the audio track, but {args.model!r} generates {kind} output without audio")
+    check_output_path(args.wav, "audio")
 
 
 def _cmd_run(args) -> int:
@@ -89,6 +102,7 @@ def _cmd_run(args) -> int:
         out = args.out or default_output_name(pipe.spec.name, pipe.spec.capabilities.output)
         if is_main:
             check_output_path(out, pipe.spec.capabilities.output)
+            _check_wav(args, pipe.spec.capabilities.output)
     if args.compile or args.compile_cache:
         report = pipe.compile_pipeline(cache_dir=args.compile_cache)
         if is_main:
@@ -105,6 +119,9 @@ def _cmd_run(args) -> int:
             print(f"saved compile cache {saved}")
     if is_main:
         written = core.write_output(output, out)
+        if args.wav is not None:
+            written += core.write_output(core.Output(kind="audio", audio=output.audio, sample_rate=output.sample_rate),
+                                         args.wav)
         print(f"wrote {', '.join(map(str, written))} ({output.kind}, {tuple(output.tensor().shape)}) in {elapsed:.2f} s")
     return 0
 
@@ -186,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--usp", action="store_true", help="sequence-parallel across the ranks of this torchrun job")
     r.add_argument("--nproc", type=int, default=0, help="launch N local processes (CPU: gloo) and run with --usp")
     r.add_argument("--out", default=None, help="output file (PNG for images, MP4 for video, WAV for audio)")
+    r.add_argument("--wav", default=None, metavar="FILE", help="video+audio models: also write the audio track as WAV")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
 

@@ -170,7 +170,8 @@ def write_mp4(output: Output, path: Path, *, crf: int = 18) -> list[Path]:
     for i, p in enumerate(paths):
         frames = _even_pad(to_uint8(video[i]).permute(1, 2, 3, 0).contiguous()).numpy()  # (F, H, W, 3)
         with atomic_path(p) as tmp:
-            with av.open(str(tmp), mode="w", format="mp4") as container:
+            # bitexact: no encoder version strings or wall-clock fields in the file, deterministic coding
+            with av.open(str(tmp), mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
                 stream = container.add_stream("libx264", rate=rate)
                 stream.width, stream.height = frames.shape[2], frames.shape[1]
                 stream.pix_fmt = "yuv420p"
@@ -178,12 +179,14 @@ def write_mp4(output: Output, path: Path, *, crf: int = 18) -> list[Path]:
                 # same frames gave different files run to run
                 stream.thread_count = 1
                 stream.thread_type = "NONE"
-                stream.options = {"crf": str(crf), "threads": "1", "x264-params": "threads=1:lookahead-threads=1"}
+                stream.options = {"crf": str(crf), "threads": "1", "x264-params": "threads=1:lookahead-threads=1",
+                                  "flags": "+bitexact"}
                 astream = None
                 if audio is not None:
                     channels = audio.shape[1]
                     astream = container.add_stream("aac", rate=int(sample_rate))
                     astream.thread_count = 1
+                    astream.options = {"flags": "+bitexact"}
                     astream.layout = "mono" if channels == 1 else "stereo"
                 for frame in frames:
                     for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):

@@ -37,14 +37,6 @@ class Checkpoint:
     dtypes: dict[str, object] | None = None
     """key -> dtype (a ``torch.dtype`` for ``.pth``, the safetensors code such as ``"BF16"``)."""
 
-    def tensor(self, key: str) -> torch.Tensor:
-        if self._torch_sd is not None:
-            return self._torch_sd[key]
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[key]), framework="pt") as f:
-            return f.get_tensor(key)
-
     def tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
         if self._torch_sd is not None:
             return {k: self._torch_sd[k] for k in keys}

@@ -121,39 +121,6 @@ def test_unknown_model_lists_close_matches(example):
     assert "example-dit" in str(info.value)
 
 
-def test_attention_kernel_hook_registers_a_selectable_kernel(monkeypatch):
-    import torch
-
-    from core import attention
-    from core.spec import AttentionKernelSpec
-
-    calls = []
-
-    def kernel(q, k, v, *, mask=None, scale=None):
-        calls.append(q.shape)
-        return attention.sdpa(q, k, v, mask=mask, scale=scale)
-
-    mod = types.ModuleType("kern")
-
-    @hookimpl
-    def ditkit_register_attention_kernels():
-        return [AttentionKernelSpec(name="counting", kernel=kernel)]
-
-    mod.ditkit_register_attention_kernels = ditkit_register_attention_kernels
-    r = Registry(strict=True)
-    r.add_plugin(mod, name="kern", distribution="kern-dist")
-    assert [k.name for k in r.kernels()] == ["counting"]
-    attention.register_kernel("counting", kernel)
-    q = torch.randn(1, 5, 2, 8)
-    with attention.use_kernel("counting"):
-        out = attention.attention(q, q, q)
-    assert calls == [(1, 2, 5, 8)]
-    torch.testing.assert_close(out, attention.attention(q, q, q))
-    monkeypatch.setenv("DITKIT_ATTENTION", "nope")
-    with pytest.raises(ValueError, match="counting"):
-        attention.attention(q, q, q)
-
-
 def test_nothing_loads_at_import_time(example_site):
     code = textwrap.dedent(
         """
@@ -165,24 +132,6 @@ def test_nothing_loads_at_import_time(example_site):
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(example_site), timeout=120)
-
-
-def test_every_hook_is_documented_and_tested():
-    import inspect
-    from pathlib import Path
-
-    from core import hookspecs
-
-    hooks = [name for name, fn in vars(hookspecs).items() if name.startswith("ditkit_") and inspect.isfunction(fn)]
-    assert hooks, "no hooks found"
-    tests_text = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
-    for name in hooks:
-        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
-        assert "Returns:" in doc and "Example::" in doc, f"hook {name} needs Returns: and Example:: in its docstring"
-        assert f"def {name}(" in tests_text, f"hook {name} has no test implementing it"
-
-
-# -- plugins that misbehave: isolated in lenient mode, errors in strict mode --------------------
 
 
 def _fake_distribution(site, dist: str, ep_name: str, module: str, source: str) -> None:

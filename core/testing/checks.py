@@ -433,7 +433,7 @@ CHECKS: tuple[Check, ...] = (
     Check("repeated-blocks", "declared repeated blocks exist and are compiled", check_repeated_blocks, ("tiny-builds",)),
     Check("compile-parity", "compiled output equals eager", check_compile_parity, ("repeated-blocks",)),
     Check("no-recompile", "no recompilation across steps, CFG, resolutions", check_no_recompile, ("repeated-blocks",)),
-    Check("usp-parity", "USP on 2 ranks equals one process", check_usp_parity, ("tiny-builds",)),
+    Check("usp-parity", "USP on N gloo ranks (--usp N, default 2) equals one process", check_usp_parity, ("tiny-builds",)),
     Check("determinism", "same seed same output, other seed other output", check_determinism, ("tiny-builds",)),
     Check("end-to-end", "output kind, shape, dtype and range", check_end_to_end, ("tiny-builds",)),
     Check("bad-input", "bad inputs raise InputError", check_bad_input, ("tiny-builds",)),

@@ -36,7 +36,7 @@ from core import InputError, Output, Pipeline
 from core.errors import WeightsError
 from core.sampler import shifted_sigmas
 from plugins.wan.dit import WanDiTConfig
-from plugins.wan.pipeline import _fit, _image_to_tensor  # the same image fitting as Wan I2V
+from plugins.wan.pipeline import fit_image, image_to_tensor  # the same image fitting as Wan I2V
 from plugins.wan.text_encoder import UMT5Config, UMT5Encoder, WanPromptEncoder, clean_prompt, tiny_tokenizer
 from plugins.wan.vae import WanVAE
 
@@ -228,7 +228,7 @@ class MovaPipeline(Pipeline):
 
     def encode_image(self, image, num_frames: int, height: int, width: int) -> torch.Tensor:
         """``y = [mask(4) ‖ latents(16)]`` of the video ``[image, zeros × (F−1)]``."""
-        pixels = _fit(_image_to_tensor(image), height, width) * 2 - 1
+        pixels = fit_image(image_to_tensor(image), height, width) * 2 - 1
         pixels = pixels.to(self.device, self.video_vae.conv1.weight.dtype)[:, :, None]
         video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
         latents = self.video_vae.encode(video).float()

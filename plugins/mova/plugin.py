@@ -30,7 +30,7 @@ from core.spec import (
 from plugins.wan.diffusers_vae_keys import official_key as vae_official_key
 from plugins.wan.diffusers_vae_keys import to_diffusers as vae_to_diffusers
 from plugins.wan.dit import WAN_DIT_CONFIGS, WanDiTConfig
-from plugins.wan.plugin import _usp as wan_usp
+from plugins.wan.plugin import usp_adapter as wan_usp
 from plugins.wan.plugin import save_sharded_safetensors
 from plugins.wan.text_encoder import UMT5Config, official_to_transformers
 from plugins.wan.vae import WAN21_VAE_CONFIG, WAN21_VAE_TINY_CONFIG, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD

@@ -32,7 +32,7 @@ from .text_encoder import UMT5Config, UMT5Encoder, WanPromptEncoder, clean_promp
 from .vae import WanVAE
 from .vae22 import Wan22VAE
 
-__all__ = ["WanPipeline", "NEGATIVE_PROMPT", "expert_steps"]
+__all__ = ["WanPipeline", "NEGATIVE_PROMPT", "expert_steps", "image_to_tensor", "fit_image"]
 
 NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -59,7 +59,7 @@ def expert_steps(steps: int, shift: float, boundary: float) -> list[str]:
     return ["dit" if _is_high_noise(float(s), boundary) else "dit_low" for s in sigmas[:-1]]
 
 
-def _image_to_tensor(image) -> torch.Tensor:
+def image_to_tensor(image) -> torch.Tensor:
     """A PIL image or a (3,H,W) / (1,3,H,W) float tensor in [0, 1] → (1, 3, H, W) float32."""
     if isinstance(image, torch.Tensor):
         x = image.detach().float().cpu()
@@ -70,7 +70,7 @@ def _image_to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
-def _fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize to cover ``height × width`` keeping the aspect ratio, then center-crop."""
     h, w = image.shape[-2:]
     if (h, w) == (height, width):
@@ -221,7 +221,7 @@ class WanPipeline(Pipeline):
         ``i2v``: ``y = [mask(4) ‖ latents(16)]`` of the video ``[image, zeros × (F−1)]``;
         ``ti2v``: the image alone, one latent frame ``(1, 48, 1, h, w)``.
         """
-        pixels = _fit(_image_to_tensor(image), height, width) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+        pixels = fit_image(image_to_tensor(image), height, width) * 2 - 1  # (1, 3, H, W) in [-1, 1]
         vae_dtype = self.vae.conv1.weight.dtype
         pixels = pixels.to(self.device, vae_dtype)[:, :, None]
         if self.task == "ti2v":

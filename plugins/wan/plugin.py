@@ -152,7 +152,7 @@ def _conformance(task: str) -> Conformance:
     )
 
 
-def _usp(component: str, per_token_t: bool) -> UspAdapter:
+def usp_adapter(component: str, per_token_t: bool) -> UspAdapter:
     """Split points of ``plugins/wan/dit.py``: tokens after the patch embedding, the RoPE table with
     them, per-token timestep features (TI2V-5B), gathered at the head before unpatchify."""
     splits = [SequenceSplit(module="patch_embedding", at="output", dim=1),
@@ -234,7 +234,7 @@ def model_spec(name: str) -> ModelSpec:
         # (README.md, "Acceleration declarations").
         compilable_models=dits,
         repeated_blocks={d: ["WanAttentionBlock"] for d in dits},
-        usp=[_usp(d, per_token_t=task == "ti2v") for d in dits],
+        usp=[usp_adapter(d, per_token_t=task == "ti2v") for d in dits],
         conformance=_conformance(task),
         checkpoint_writer=write_checkpoint,
         capabilities=Capabilities(

@@ -258,3 +258,23 @@ def test_text_encoder_key_map_covers_transformers_umt5():
         ours = UMT5Encoder(c).state_dict()
     mapped = {umt5_key(k): tuple(v.shape) for k, v in hf.items() if umt5_key(k) is not None}
     assert mapped == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+def test_cli_writes_mp4_with_sound_and_the_wav_on_request(tmp_path):
+    import av
+    from PIL import Image
+
+    from core.cli import main
+
+    Image.new("RGB", (40, 30), (200, 90, 40)).save(tmp_path / "first.png")
+    args = ["run", "mova", "--image", str(tmp_path / "first.png"), "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "clip.mp4"), "--wav", str(tmp_path / "clip.wav")]) == 0
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        assert sorted(s.type for s in container.streams) == ["audio", "video"]
+    import wave
+
+    with wave.open(str(tmp_path / "clip.wav")) as w:
+        assert w.getframerate() == 48000 and w.getnframes() > 0
+    # --wav on a model without audio is refused before any work
+    assert main(["run", "wan", "--out", str(tmp_path / "v.mp4"), "--wav", str(tmp_path / "v.wav")]) == 2
+    assert not (tmp_path / "v.mp4").exists()

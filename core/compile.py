@@ -147,8 +147,13 @@ def persistent_cache_dir() -> str | None:
     import os
     from pathlib import Path
 
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # inductor writes its default into the variable the first time it looks it up, so only a
+    # different value is the user's choice
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
     base = os.environ.get("DITKIT_COMPILE_CACHE")
     if base is not None and base.strip().lower() in {"off", "0", "none", ""}:
         return None

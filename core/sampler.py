@@ -46,7 +46,9 @@ def dynamic_shift_sigmas(
     if mu is None:
         mu = base_shift + (image_seq_len - base_seq_len) * (max_shift - base_shift) / (max_seq_len - base_seq_len)
     sigma = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
-    if shift_terminal is not None:
+    if shift_terminal is not None and steps > 1:
+        # the stretch maps the last σ onto shift_terminal; with one step that σ is 1 (0/0), and
+        # the single step simply goes from 1 to 0
         sigma = 1.0 - (1.0 - sigma) * (1.0 - shift_terminal) / (1.0 - sigma[-1])
     return torch.cat([sigma, sigma.new_zeros(1)]).float()
 

@@ -149,6 +149,12 @@ def test_compiled_kernels_go_to_a_persistent_cache_keyed_by_torch_version(tmp_pa
     report = compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={}, options={"backend": "eager"})
     expected = tmp_path / "inductor" / f"torch-{torch.__version__}"
     assert report.cache_dir == str(expected) and cache_dir() == str(expected) and expected.is_dir()
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # inductor writes its default into the variable when it first looks; that is not a user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={},
+                              options={"backend": "eager"}).cache_dir == str(expected)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
     assert compile_components({"m": torch.nn.Linear(4, 4)}, repeated_blocks={}, methods={},
                               options={"backend": "eager"}).cache_dir == str(tmp_path / "mine")

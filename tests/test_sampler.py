@@ -50,3 +50,10 @@ def test_noise_is_seeded_and_independent_of_the_global_rng():
     b = noise((2, 3), seed=7)
     assert torch.equal(a, b) and not torch.equal(a, noise((2, 3), seed=8))
     assert noise((2, 3), seed=7, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_dynamic_shift_with_one_step_goes_from_one_to_zero():
+    from core.sampler import dynamic_shift_sigmas
+
+    sigmas = dynamic_shift_sigmas(1, 6889)
+    assert sigmas.tolist() == [1.0, 0.0]

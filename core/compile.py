@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import CompileError
 
-__all__ = ["CompiledPart", "CompileReport", "compile_components", "graphs_compiled", "repeated_block_names"]
+__all__ = ["CompiledPart", "CompileReport", "compile_components", "graphs_compiled", "repeated_block_names", "standalone"]
 
 _MARK = "_ditkit_compiled_methods"
 
@@ -96,6 +96,42 @@ def _dynamic_shape_config(method: str):
     if method == "forward":
         return fx_config.patch(use_duck_shape=False)
     return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
+
+
+def standalone(t):
+    """``t`` itself if it owns densely strided storage, else a copy that does (tuples element-wise).
+
+    dynamo guards a view's base and a tensor's strides (even a size-1 dim's), so a block class
+    whose first instance gets a view (a Linear's 3-d output, a ``[text, image]`` slice) and later
+    instances fresh tensors would compile a second graph for the same class."""
+    if isinstance(t, tuple):
+        return tuple(standalone(x) for x in t)
+    if not isinstance(t, torch.Tensor):
+        return t
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.insert(0, step)
+        step *= size
+    if t._base is None and list(t.stride()) == expected:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _standalone_inputs(block, args, kwargs):
+    return tuple(standalone(a) for a in args), {k: standalone(v) for k, v in kwargs.items()}
+
+
+_STANDALONE_MARK = "_ditkit_standalone_hook"
+
+
+def _hand_standalone_inputs(block: nn.Module) -> None:
+    """Every instance of a regionally compiled block class receives inputs that are not views, so
+    the class holds one graph from the first call whatever the model code before block 0 does (a
+    plugin with its own attention processor included). The hook runs outside the compiled region."""
+    if block.__dict__.get(_STANDALONE_MARK):
+        return
+    block.register_forward_pre_hook(_standalone_inputs, with_kwargs=True)
+    block.__dict__[_STANDALONE_MARK] = True
 
 
 def _bind(module: nn.Module, method: str, compiled) -> None:
@@ -183,6 +219,7 @@ def compile_components(
                 compiled = _compiled_function(cache, cls, "forward", options)
                 for m in instances:
                     _bind(m, "forward", compiled)
+                    _hand_standalone_inputs(m)
                 report.parts.append(CompiledPart(name, "regional", cls_name, len(instances), _code(cls, "forward")))
             continue
         for method in methods.get(name, ["forward"]):

@@ -183,3 +183,42 @@ def test_portable_compile_cache_bundle_is_keyed_saved_after_warm_up_and_loaded(p
     assert other != saved and not other.exists()
     with pytest.raises(CompileError, match="cache_dir"):
         eager.save_compile_cache()
+
+
+def test_a_block_fed_a_view_at_first_holds_one_graph():
+    """The core, not the plugin, hands repeated blocks inputs that are not views: a model whose
+    first block receives a slice (as a plugin with its own attention processor may) still holds one
+    graph for the block class from the first call. Without the core's hook the first instance
+    compiles for a view and the second for a fresh tensor: 2 graphs."""
+    from core.compile import compile_components
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x)) + x
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block() for _ in range(3)])
+
+        def forward(self, x):
+            x = torch.cat([x, x], dim=1)[:, 2:]  # a view with a storage offset into block 0
+            assert x._base is not None
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch._dynamo.reset()
+    model = Model()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        ref = model(x)
+        report = compile_components({"m": model}, repeated_blocks={"m": ["Block"]}, methods={},
+                                    options={"dynamic": True})
+        got = model(x)
+    assert report.graphs() == {"m:Block": 1}
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

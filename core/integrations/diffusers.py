@@ -274,28 +274,6 @@ def _uncovered(model: nn.Module, found) -> None:
         )
 
 
-def _standalone(t):
-    """``t`` itself if it owns densely strided storage, else a copy that does. dynamo guards a
-    view's base and a tensor's strides (even a size-1 dim's), so a block class whose first
-    instance gets a view (a Linear's 3-d output, Flux's ``[text, image]`` slices) and later ones
-    fresh tensors would compile a second graph."""
-    if isinstance(t, tuple):
-        return tuple(_standalone(x) for x in t)
-    if not isinstance(t, torch.Tensor):
-        return t
-    expected, step = [], 1
-    for size in reversed(t.shape):
-        expected.insert(0, step)
-        step *= size
-    if t._base is None and list(t.stride()) == expected:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _standalone_inputs(block, args, kwargs):
-    return tuple(_standalone(a) for a in args), {k: _standalone(v) for k, v in kwargs.items()}
-
-
 def _flux_single_block_text_len(block, args, kwargs):
     # Flux's single-stream block joins [text, image] before its attention, which then no longer
     # knows where the text ends; the joint site needs it (``text_len``), so pass it in the block's
@@ -314,9 +292,8 @@ def route_attention(model: nn.Module) -> dict[str, str]:
     """Route every attention module of the diffusers ``model`` through :func:`core.attention.attention`.
 
     Swaps each covered diffusers processor for ditkit's equivalent (same outputs without USP) and
-    hooks Flux's single-stream blocks to pass their text length. Also hooks the blocks of the
-    model's ``_repeated_blocks`` to receive inputs that are not views (a copy where one is), so
-    regional compile keeps one graph per block class. Idempotent. Raises
+    hooks Flux's single-stream blocks to pass their text length (regional compile itself hands
+    every repeated block inputs that are not views, :func:`core.compile.standalone`). Idempotent. Raises
     :class:`core.errors.PluginError` naming every attention module whose processor is not covered
     (under USP an unrouted attention would run on split tokens and be silently wrong).
     Returns ``{module path: processor class name}`` of the routed modules.
@@ -330,14 +307,11 @@ def route_attention(model: nn.Module) -> dict[str, str]:
         if not isinstance(module.processor, cls):
             module.set_processor(cls())
         routed[path] = cls.__name__
-    blocks = set(getattr(type(model), "_repeated_blocks", None) or ())
     for module in model.modules():
         if getattr(module, "_ditkit_routed", False):
             continue
         if isinstance(module, transformer_flux.FluxSingleTransformerBlock):
             module.register_forward_pre_hook(_flux_single_block_text_len, with_kwargs=True)
-        if type(module).__name__ in blocks:  # one compiled graph for every instance (see _standalone)
-            module.register_forward_pre_hook(_standalone_inputs, with_kwargs=True)
         module._ditkit_routed = True
     return routed
 

@@ -7,8 +7,9 @@ Subclasses implement :meth:`generate`.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -19,7 +20,24 @@ from .errors import CompileError, GenerationError, InputError
 from .outputs import Output
 from .sampler import euler_step, guide, noise
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "REFERENCE_STAGES"]
+
+REFERENCE_STAGES: tuple[str, ...] = ("text_embeddings", "sigmas", "velocity", "latents", "output")
+"""The stages of one generation that an independent reference is compared on, in order (the
+conformance kit's ``reference-parity`` ladder names the first that differs):
+
+- ``text_embeddings``: the conditional prompt's embeddings as the denoiser receives them
+  (recorded by the plugin with :meth:`Pipeline.trace`);
+- ``sigmas``: the noise levels of the schedule, ending at the last target (recorded by
+  :meth:`Pipeline.denoise`);
+- ``velocity``: the denoiser's conditional output at the first sigma, before guidance (recorded by
+  :meth:`Pipeline.denoise`);
+- ``latents``: the final latents, before decoding (recorded by :meth:`Pipeline.denoise`; a plugin
+  whose latents are a packed concatenation may record its own afterwards, which replaces it);
+- ``output``: the decoded output tensor (:meth:`core.Output.tensor`).
+
+The initial noise is recorded too (``noise``, by :meth:`Pipeline.noise`): it is the one input a
+reference shares with the plugin, besides the weights."""
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, str, int], torch.Tensor]
 """``velocity(x, sigma, branch, step)``: the model's velocity; ``branch`` is "cond" or "uncond"."""
@@ -48,6 +66,7 @@ class Pipeline:
         self._compile_bundle = None  # (path, key) of the portable compile cache, see compile_pipeline
         self.compile_report: CompileReport | None = None
         self.parallel = None  # the USP runtime, attached by core.load(use_usp=True)
+        self._trace: dict[str, Any] | None = None  # stage -> value while tracing (see tracing())
 
     # -- components ----------------------------------------------------------------------------
     def components(self) -> dict[str, nn.Module]:
@@ -233,6 +252,7 @@ class Pipeline:
             output = self.generate(progress=progress, **args)
         # one place for every plugin: a non-Output or non-finite result never reaches a writer
         guards.check_output_tensors(output, plugin=self._plugin_name(), model=self._model_name())
+        self.trace("output", output.tensor())
         return output
 
     def _model_name(self) -> str:
@@ -244,6 +264,25 @@ class Pipeline:
     def generate(self, **args) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement generate()")
 
+    # -- tracing (the reference-parity ladder) ------------------------------------------------
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[dict[str, Any]]:
+        """Record the stages of the generations run inside the block (:data:`REFERENCE_STAGES`,
+        plus ``noise``) into the yielded dict, for comparison with an independent reference.
+        Outside the block nothing is recorded and nothing is copied."""
+        previous, self._trace = self._trace, {}
+        try:
+            yield self._trace
+        finally:
+            self._trace = previous
+
+    def trace(self, stage: str, value) -> None:
+        """Record ``value`` (a tensor, or a tuple/dict of tensors) as ``stage`` of the generation
+        being traced; a later record of the same stage replaces an earlier one. A no-op unless
+        inside :meth:`tracing`."""
+        if self._trace is not None:
+            self._trace[stage] = _detached(value)
+
     # -- shared sampling -----------------------------------------------------------------------
     def noise(self, shape, seed: int, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
         """Seeded noise, identical on every device and rank (drawn on the CPU). A ``generator``
@@ -251,6 +290,7 @@ class Pipeline:
         x = noise(shape, seed, device=self.device, dtype=dtype, generator=generator)
         if self.parallel is not None:
             self.parallel.check_same(x, what="initial noise")
+        self.trace("noise", x)
         return x
 
     def denoise(
@@ -272,6 +312,7 @@ class Pipeline:
         branch is skipped.
         """
         steps = len(sigmas) - 1
+        self.trace("sigmas", sigmas)
         for i in self.progress_bar(range(steps), progress=progress, desc=desc):
             sigma = sigmas[i].to(torch.float32)
             scale = guidance_scale(i, float(sigma)) if callable(guidance_scale) else guidance_scale
@@ -280,12 +321,15 @@ class Pipeline:
                 preds = self.parallel.run_branches(lambda b: velocity(x, sigma, b, i), branches)
             else:
                 preds = {b: velocity(x, sigma, b, i) for b in branches}
+            if i == 0:
+                self.trace("velocity", preds["cond"])
             v = preds["cond"] if len(branches) == 1 else guide(preds["cond"], preds["uncond"], scale, cfg_rescale_dim)
             x = euler_step(x, v, sigmas[i], sigmas[i + 1])
             if not bool(torch.isfinite(x).all()):  # one reduction per step: stop at the first bad step
                 raise GenerationError(
                     f"{self._model_name()}: the latent became non-finite (NaN or inf) at denoising step {i + 1} of "
                     f"{steps} (sigma {float(sigma):.4g}); nothing was written", step=i + 1)
+        self.trace("latents", x)
         return x
 
     def progress_bar(self, iterable, *, progress: bool | None = None, desc: str = ""):
@@ -297,3 +341,13 @@ class Pipeline:
             progress = False
         disable = None if progress is None else not progress
         return tqdm(iterable, desc=desc, disable=disable, leave=False)
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value

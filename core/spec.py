@@ -228,6 +228,15 @@ class Conformance(_Record):
     """Extra generation arguments that must raise ``core.InputError`` (e.g. ``{"num_frames": 6}``)."""
     expected_failures: dict[str, str] = Field(default_factory=dict)
     """Check id -> reason: a known failure, reported as xfail."""
+    reference: Callable[..., Any] | str | None = None
+    """An independent implementation of the same generation (a callable or ``"module:attr"``), for the
+    ``reference-parity`` check: ``reference(pipe, call, noise) -> {stage: tensor}``. ``pipe`` is the
+    plugin's tiny pipeline (its weights are the reference's weights), ``call`` the resolved generation
+    arguments (``prompt``, ``negative_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``,
+    sizes, ...), ``noise`` the initial noise the plugin drew. It returns what it computed itself, with
+    its own text encoding, schedule, guidance and decoding, for any of the stages of
+    :data:`core.pipeline.REFERENCE_STAGES`, in the plugin's layout. A reference that needs a package
+    ditkit does not depend on imports it inside and raises ``ModuleNotFoundError`` when it is missing."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,3 +92,19 @@ def test_to_casts_the_components_to_the_dtype(pipe):
     pipe.to("cpu", torch.float64)
     assert pipe.dtype == torch.float64
     assert {p.dtype for m in pipe.components().values() for p in m.parameters()} == {torch.float64}
+
+
+def test_tracing_records_each_stage_only_inside_the_block(pipe):
+    from core.pipeline import REFERENCE_STAGES
+
+    with pipe.tracing() as trace:
+        out = pipe("a fox", seed=3, guidance_scale=2.0, num_inference_steps=3, progress=False)
+    assert set(trace) >= {"noise", "sigmas", "velocity", "latents", "output"} - {"text_embeddings"}
+    assert set(trace) - {"noise"} <= set(REFERENCE_STAGES)
+    assert trace["sigmas"].shape == (4,) and float(trace["sigmas"][-1]) == 0.0
+    assert trace["velocity"].shape == trace["noise"].shape == trace["latents"].shape
+    assert not torch.equal(trace["latents"], trace["noise"])
+    assert torch.equal(trace["output"], out.images)
+    assert pipe._trace is None
+    pipe("a fox", seed=3, **FAST)  # outside the block: nothing recorded, nothing kept
+    assert pipe._trace is None and len(trace) >= 5

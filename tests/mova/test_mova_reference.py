@@ -58,3 +58,13 @@ def test_the_call_reaches_snapping_and_the_expert_switch(run):
     exact = shifted_sigmas(3, 5.0)
     assert (ref["sigmas"] - exact).abs().max() > 5e-5  # the exact grid would fail the sigmas stage
     assert [t >= call["boundary"] * 1000 for t in ref["timesteps"].tolist()] == [True, True, False]
+
+
+def test_a_missing_diffsynth_is_named_with_its_install_command(run, monkeypatch, tmp_path):
+    import plugins.mova.reference as reference
+
+    monkeypatch.setattr(reference, "REFS", tmp_path)
+    pipe, call, traced, _, _ = run
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps --target .*diffsynth==2.1.12") as err:
+        reference.reference(pipe, call, traced["noise"])
+    assert err.value.name == "diffsynth"

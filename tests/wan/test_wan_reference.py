@@ -95,3 +95,13 @@ def test_a_broken_mechanism_fails_at_its_stage(monkeypatch, mutate, stage):
     rows = ladder(_traced(pipe, call), ref, TOLERANCES)
     print(f"\n{stage}\n{table(rows)}")
     assert first_failure(rows) == stage, table(rows)
+
+
+def test_a_missing_diffusers_is_named(monkeypatch):
+    import sys
+
+    pipe, call, traced, _ = _run("wan2.1-t2v-1.3b")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # what `import diffusers` meets when it is not installed
+    with pytest.raises(ModuleNotFoundError, match="diffusers") as err:
+        reference(pipe, call, traced["noise"])
+    assert err.value.name == "diffusers"

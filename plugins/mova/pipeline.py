@@ -4,8 +4,8 @@ Components (attribute names = the official repository's folder names): ``text_en
 Wan's :class:`UMT5Encoder`), ``video_dit`` (high-noise video tower), ``video_dit_2`` (low-noise),
 ``audio_dit``, ``dual_tower_bridge``, ``video_vae`` (Wan2.1 VAE), ``audio_vae`` (continuous DAC).
 
-Generation (the official script's defaults: 50 steps, CFG 5.0 on both outputs, shift 5.0,
-boundary 0.9, 193 frames at 24 fps, seed 42 upstream):
+Generation (the official script's defaults: 50 steps, CFG 5.0 on both outputs, boundary 0.9,
+193 frames at 24 fps, seed 42 upstream; the shift, 5.0, is the scheduler config's):
 
 * video latent ``(1, 16, (F−1)/4+1, H/8, W/8)``; audio samples ``N_a = ⌊48000·F/fps⌋``, audio
   latent ``(1, 128, ⌊(N_a−1)/960⌋+1)``; ``F ≡ 1 (mod 4)`` and ``H, W`` multiples of 16, checked
@@ -14,8 +14,10 @@ boundary 0.9, 193 frames at 24 fps, seed 42 upstream):
   video VAE → normalised latents; ``y = [mask 4 ‖ latents 16]`` (mask 1 on latent frame 0);
 * the same umT5 context goes to both towers; CFG runs the whole dual-tower pass per branch and
   applies one scale to the video and the audio velocity;
-* flow-matching Euler on ``σ_k = shift·s/(1+(shift−1)·s)``, ``s = linspace(1, 0, N+1)[:-1]``, t = 1000·σ
-  the same for both towers; ``video_dit`` while ``t ≥ boundary·1000``, then ``video_dit_2``;
+* the official sampler (:mod:`plugins.mova.scheduler`): timesteps ``t_k = 1000·σ_k`` of the
+  shifted grid (the shift of the scheduler config, float32 arithmetic), the same for both towers;
+  ``video_dit`` while ``t_k ≥ boundary·1000``, then ``video_dit_2``; flow-matching Euler steps
+  between the σ of the 1000-point training grid nearest to ``t_k`` and ``t_{k+1}`` (then 0);
 * video decoded by the VAE (in [0, 1]), audio by the DAC (fp32), trimmed to ``N_a`` samples.
 
 Both latents travel through the core's denoising loop as one flat vector, so its CFG, Euler
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,6 @@ import torch
 
 from core import InputError, Output, Pipeline
 from core.errors import WeightsError
-from core.sampler import shifted_sigmas
 from plugins.wan.dit import WanDiTConfig
 from plugins.wan.pipeline import fit_image, image_to_tensor  # the same image fitting as Wan I2V
 from plugins.wan.text_encoder import UMT5Config, UMT5Encoder, WanPromptEncoder, clean_prompt, tiny_tokenizer
@@ -44,6 +46,7 @@ from .audio_dit import AudioDiTConfig, WanAudioModel
 from .bridge import BridgeConfig, DualTowerConditionalBridge
 from .dac import AudioDAC, DACConfig
 from .model import MovaVideoDiT, dual_tower_forward
+from .scheduler import RELEASED_SCHEDULER, MovaScheduler, read_scheduler_config
 
 __all__ = ["MovaPipeline", "NEGATIVE_PROMPT", "audio_lengths", "read_folder_configs"]
 
@@ -76,9 +79,12 @@ def _read_json(path: Path) -> dict | None:
 def read_folder_configs(root: str | os.PathLike, config: dict) -> dict:
     """``config`` with each component's section replaced by its folder's ``config.json`` (when
     present): ``video_dit/``, ``audio_dit/``, ``dual_tower_bridge/``, ``audio_vae/``, ``video_vae/``
-    (diffusers ``AutoencoderKLWan`` fields), ``text_encoder/`` (transformers ``UMT5Config`` fields)."""
+    (diffusers ``AutoencoderKLWan`` fields), ``text_encoder/`` (transformers ``UMT5Config`` fields),
+    and ``scheduler/scheduler_config.json`` (the sampler's shift, σ range and grid)."""
     root = Path(root)
     config = dict(config)
+    if (root / "scheduler" / "scheduler_config.json").is_file():
+        config["scheduler"] = asdict(read_scheduler_config(root / "scheduler" / "scheduler_config.json"))
     try:
         if (data := _read_json(root / "video_dit" / "config.json")) is not None:
             # MOVA's WanModel takes text_dim and patch_size from its config (Wan's class ignores them)
@@ -127,15 +133,17 @@ class MovaPipeline(Pipeline):
     """MOVA image+text → video+audio; see the module docstring.
 
     ``config``: ``video_dit`` (:class:`WanDiTConfig` fields), ``audio_dit``, ``bridge``, ``dac``, ``vae``
-    (:class:`WanVAE` arguments) and ``t5`` sections.  With ``weights`` the folder's ``config.json``
-    files take precedence and the tokenizer comes from ``tokenizer/``.
+    (:class:`WanVAE` arguments), ``t5`` and ``scheduler`` (:class:`MovaScheduler` fields; the released
+    values when absent) sections.  With ``weights`` the folder's ``config.json`` files and
+    ``scheduler/scheduler_config.json`` take precedence and the tokenizer comes from ``tokenizer/``.
     """
 
     compilable_models = ("video_dit", "video_dit_2", "audio_dit")
     defaults: dict[str, Any] = {
         "num_inference_steps": 50, "guidance_scale": 5.0, "height": 352, "width": 640, "num_frames": 193,
-        "fps": 24, "shift": 5.0, "boundary": 0.9, "negative_prompt": NEGATIVE_PROMPT, "image": None,
+        "fps": 24, "shift": None, "boundary": 0.9, "negative_prompt": NEGATIVE_PROMPT, "image": None,
     }
+    """``shift`` is deprecated: the shift is the scheduler config's (``self.scheduler``), as upstream."""
 
     def __init__(self, config: dict, *, device="cpu", dtype=torch.float32, weights=None, seed: int = 0,
                  vae_dtype: torch.dtype = torch.float32):
@@ -162,6 +170,7 @@ class MovaPipeline(Pipeline):
             if va != vb:
                 raise ValueError(f"MOVA config: {a} {va} != {b} {vb}")
 
+        self.scheduler = MovaScheduler(**config["scheduler"]) if "scheduler" in config else RELEASED_SCHEDULER
         self.vae_config = {"dim": 96, "z_dim": 16, "dim_mult": (1, 2, 4, 4), "num_res_blocks": 2,
                            "temporal_downsample": (False, True, True), **config["vae"]}
         with torch.random.fork_rng(devices=[]):  # seeded random weights without touching the caller's RNG
@@ -199,8 +208,17 @@ class MovaPipeline(Pipeline):
             raise InputError(f"num_frames {n} at {fps} fps gives {latents} audio latent frames; the audio tower's "
                              f"rotary table holds {self.audio_dit.config.rope_max_positions}")
         shift = args["shift"]
-        if not isinstance(shift, (int, float)) or isinstance(shift, bool) or shift <= 0:
-            raise InputError(f"shift must be a number > 0, got {shift!r}")
+        if shift is not None:
+            # the official pipeline takes its shift from scheduler_config.json and ignores its
+            # sigma_shift argument; one that would change the result is refused, not ignored
+            where = f"the scheduler config's ({self.scheduler.shift:g}; scheduler/scheduler_config.json of the checkpoint)"
+            if isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift == self.scheduler.shift:
+                warnings.warn(f"MOVA's shift argument is deprecated and has no effect: the shift is {where}, as in the "
+                              f"official pipeline", DeprecationWarning, stacklevel=3)
+            else:
+                raise InputError(f"shift={shift!r} cannot apply: MOVA samples with {where}, as the official pipeline "
+                                 f"does (it ignores its sigma_shift argument); omit shift, or sample at another shift "
+                                 f"by editing scheduler/scheduler_config.json")
         boundary = args["boundary"]
         if not isinstance(boundary, (int, float)) or isinstance(boundary, bool) or not 0.0 <= boundary <= 1.0:
             raise InputError(f"boundary must be a number in [0, 1], got {boundary!r}")
@@ -236,15 +254,15 @@ class MovaPipeline(Pipeline):
         mask[:, :, 0] = 1.0
         return torch.cat([mask, latents], dim=1)
 
-    def expert(self, sigma: float, boundary: float) -> str:
-        """``video_dit`` while ``t = 1000·σ ≥ 1000·boundary`` (t in float32, as upstream), else ``video_dit_2``."""
-        t = float(torch.tensor(sigma, dtype=torch.float32) * 1000)
-        return "video_dit" if t >= boundary * 1000 else "video_dit_2"
+    def expert(self, timestep: torch.Tensor | float, boundary: float) -> str:
+        """``video_dit`` while the timestep ``t_k`` (float32) is ``≥ boundary·1000``, else ``video_dit_2`` (as upstream)."""
+        return "video_dit" if self.scheduler.is_high_noise(timestep, boundary) else "video_dit_2"
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
                  height, width, num_frames, fps, shift, boundary, image, progress=None) -> Output:
         context = {"cond": self.encode_prompt(prompt), "uncond": self.encode_prompt(negative_prompt or "")}
+        self.trace("text_embeddings", context["cond"])
         s = self.video_vae.spatial_stride
         video_shape = (1, self.video_vae.z_dim, (num_frames - 1) // 4 + 1, height // s, width // s)
         samples, audio_len = audio_lengths(num_frames, fps, self.audio_vae.hop_length, self.audio_vae.sample_rate)
@@ -256,12 +274,14 @@ class MovaPipeline(Pipeline):
         # One draw for both latents (video first), so one seed gives independent noise to each.
         x = self.noise((1, nv + na), seed, generator=generator)
         y = self.encode_image(image, num_frames, height, width)
-        sigmas = shifted_sigmas(num_inference_steps, float(shift))
+        # the DiT gets the grid's timesteps; the Euler steps move between their snapped σ
+        timesteps = self.scheduler.timesteps(num_inference_steps)
+        sigmas = self.scheduler.sigmas(num_inference_steps)
 
         def velocity(x, sigma, branch, step):
-            video_model = getattr(self, self.expert(float(sigma), boundary))
+            video_model = getattr(self, self.expert(timesteps[step], boundary))
             dtype = video_model.patch_embedding.weight.dtype
-            t = (sigma * 1000.0).reshape(1).to(self.device)
+            t = timesteps[step].reshape(1).to(self.device)
             xv = x[:, :nv].reshape(video_shape).to(dtype)
             xa = x[:, nv:].reshape(audio_shape).to(dtype)
             vv, va = dual_tower_forward(video_model, self.audio_dit, self.dual_tower_bridge, xv, xa, t,
@@ -271,6 +291,7 @@ class MovaPipeline(Pipeline):
         x = self.denoise(x, sigmas, velocity, guidance_scale=guidance_scale, progress=progress)
         video_latents = x[:, :nv].reshape(video_shape)
         audio_latents = x[:, nv:].reshape(audio_shape)
+        self.trace("latents", (video_latents, audio_latents))
         video = self.video_vae.decode(video_latents.to(self.video_vae.conv2.weight.dtype))
         video = ((video.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
         audio = self.audio_vae.decode(audio_latents.to(self.audio_vae.post_quant_conv.weight.dtype), samples)

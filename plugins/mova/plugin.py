@@ -39,6 +39,7 @@ from .audio_dit import AUDIO_DIT_RELEASE, AudioDiTConfig
 from .bridge import BRIDGE_RELEASE, BridgeConfig
 from .dac import DAC_RELEASE, DACConfig
 from .pipeline import MovaPipeline
+from .scheduler import RELEASED_SCHEDULER
 
 __all__ = ["model_spec", "write_checkpoint", "umt5_key", "MODEL_FILE", "TEXT_ENCODER_FILE", "FOLDERS"]
 
@@ -88,10 +89,11 @@ def _config(tiny: bool) -> dict:
         video = WanDiTConfig.tiny("i2v", dim=128, ffn_dim=256, num_heads=4, num_layers=3)
         return {"video_dit": asdict(video), "audio_dit": asdict(AudioDiTConfig.tiny()),
                 "bridge": asdict(BridgeConfig.tiny()), "dac": asdict(DACConfig.tiny()),
-                "vae": dict(WAN21_VAE_TINY_CONFIG), "t5": asdict(UMT5Config.tiny())}
+                "vae": dict(WAN21_VAE_TINY_CONFIG), "t5": asdict(UMT5Config.tiny()),
+                "scheduler": asdict(RELEASED_SCHEDULER)}
     return {"video_dit": asdict(WAN_DIT_CONFIGS["wan2.2-i2v-a14b"]), "audio_dit": asdict(AUDIO_DIT_RELEASE),
             "bridge": asdict(BRIDGE_RELEASE), "dac": asdict(DAC_RELEASE), "vae": dict(WAN21_VAE_CONFIG),
-            "t5": asdict(UMT5Config.xxl())}
+            "t5": asdict(UMT5Config.xxl()), "scheduler": asdict(RELEASED_SCHEDULER)}
 
 
 def _layout(repo: str) -> WeightsLayout:
@@ -127,7 +129,7 @@ def write_checkpoint(pipe: MovaPipeline, root: str | Path, *, shards: int = 2) -
     """Write ``pipe`` in the official repository layout under ``root`` (the spec's ``checkpoint_writer``):
     both video towers as sharded safetensors with the Hugging Face index, the other components as one
     file each, every folder's ``config.json``, the video VAE in diffusers names, umT5 in transformers
-    names, the tokenizer, ``scheduler/scheduler_config.json`` and ``model_index.json``."""
+    names, the tokenizer, ``scheduler/scheduler_config.json`` (``pipe.scheduler``) and ``model_index.json``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     video_cfg = pipe.video_dit.config
@@ -159,14 +161,13 @@ def write_checkpoint(pipe: MovaPipeline, root: str | Path, *, shards: int = 2) -
         "relative_attention_num_buckets": c.num_buckets, "relative_attention_max_distance": c.max_distance,
         "layer_norm_epsilon": c.eps, "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False})
     pipe.prompt_encoder.tokenizer.save_pretrained(str(root / "tokenizer"))
-    _write_json(root / "scheduler" / "scheduler_config.json",
-                {"_class_name": "FlowMatchScheduler", "num_train_timesteps": 1000, "shift": 5.0})
+    _write_json(root / "scheduler" / "scheduler_config.json", pipe.scheduler.to_json_dict())
     _write_json(root / "model_index.json", {
         "_class_name": "MOVA", "video_dit": ["mova", "WanModel"], "video_dit_2": ["mova", "WanModel"],
         "audio_dit": ["mova", "WanAudioModel"], "dual_tower_bridge": ["mova", "DualTowerConditionalBridge"],
         "audio_vae": ["mova", "DAC"], "video_vae": ["diffusers", "AutoencoderKLWan"],
         "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
-        "scheduler": ["mova", "FlowMatchScheduler"]})
+        "scheduler": ["mova", "FlowMatchPairScheduler"]})
 
 
 # -- parallelism ---------------------------------------------------------------------------------
@@ -195,11 +196,13 @@ def _conformance() -> Conformance:
         # tokens at 48×32 (remainder 2 on 4 ranks)
         uneven_call={"num_frames": 9, "height": 48, "width": 32},
         bad_inputs=[{"num_frames": 6}, {"height": 40}, {"image": None}, {"image": "not an image"}, {"fps": 0}],
+        # the official sampling loop and scheduler with DiffSynth-Studio's modules (test-time: .cache/mova-refs)
+        reference="plugins.mova.reference:reference",
     )
 
 
 _TINY_DEFAULTS = {"num_inference_steps": 2, "height": 32, "width": 32, "num_frames": 5, "fps": 24,
-                  "guidance_scale": 5.0, "shift": 5.0, "boundary": 0.9}
+                  "guidance_scale": 5.0, "boundary": 0.9}
 _MODELS = {
     "mova-360p": ("OpenMOSS-Team/MOVA-360p", ["mova"], 352, 640),
     "mova-720p": ("OpenMOSS-Team/MOVA-720p", [], 720, 1280),
@@ -221,7 +224,7 @@ def model_spec(name: str) -> ModelSpec:
             "official": Preset(description=f"the official repository folder {repo}; the official script's defaults",
                                config=_config(tiny=False),
                                defaults={"num_inference_steps": 50, "height": height, "width": width, "num_frames": 193,
-                                         "fps": 24, "guidance_scale": 5.0, "shift": 5.0, "boundary": 0.9}),
+                                         "fps": 24, "guidance_scale": 5.0, "boundary": 0.9}),
         },
         weights=_layout(repo),
         # The VAEs are left out (as for Wan: the causal chunk loop unrolls per latent frame count).

@@ -111,6 +111,7 @@ class WanPipeline(Pipeline):
         dit_config = WanDiTConfig(**config["dit"])
         vae_config = dict(config.get("vae", {}))
         vae_cls = _VAES[str(vae_config.pop("version", "2.1"))]
+        self.vae_config = dict(vae_config)  # the VAE's constructor arguments (the reference rebuilds it)
         t5_names = {f.name for f in fields(UMT5Config)}
         t5_config = UMT5Config(**{k: v for k, v in config.get("t5", {}).items() if k in t5_names})
         if t5_config.dim != dit_config.text_dim:
@@ -247,6 +248,7 @@ class WanPipeline(Pipeline):
     def generate(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_scale_low, seed,
                  generator, height, width, num_frames, shift, fps, image, boundary, tiled, progress=None) -> Output:
         context = {"cond": self.encode_prompt(prompt), "uncond": self.encode_prompt(negative_prompt or "")}
+        self.trace("text_embeddings", context["cond"])
         shape = self.latent_shape(num_frames, height, width)
         x = self.noise(shape, seed, generator=generator)
         sigmas = shifted_sigmas(num_inference_steps, float(shift))

@@ -149,6 +149,7 @@ def _conformance(task: str) -> Conformance:
         # 9 frames → 3 latent frames, a 3×1 token grid: 9 tokens, remainder 1 on 2 and on 4 ranks
         uneven_call={"num_frames": 9, "height": 3 * multiple, "width": multiple},
         bad_inputs=bad,
+        reference="plugins.wan.reference:reference",  # diffusers' own Wan pipelines (test-time dependency)
     )
 
 

@@ -9,25 +9,22 @@ without their dependencies the first time they need it (``REFS_INSTALL``)::
 
     python -m pip install --no-deps --target .cache/mova-refs diffsynth==2.1.12 descript-audio-codec==1.0.0
 
-(``DITKIT_MOVA_REFS`` points elsewhere).  The tests **fail** (never skip) when it cannot be
-installed.  Only the model files are imported: the packages' ``__init__`` modules pull in download,
+(``DITKIT_MOVA_REFS`` points elsewhere; the folder and the importer are
+:mod:`plugins.mova.reference`'s, whose MOVA reference uses DiffSynth too).  The tests **fail**
+(never skip) when it cannot be installed.  Only the model files are imported: the packages' ``__init__`` modules pull in download,
 audio-IO and training code (``modelscope``, ``audiotools``, ``argbind``), which is replaced by
 empty packages here; nothing the compared modules compute goes through a stub.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-REFS = Path(os.environ.get("DITKIT_MOVA_REFS", ROOT / ".cache" / "mova-refs"))
-REFS_INSTALL = (f"python -m pip install --no-deps --target {REFS} diffsynth==2.1.12 "
-                f"descript-audio-codec==1.0.0")
+from plugins.mova.reference import REFS, REFS_INSTALL, diffsynth_modules, import_without_init
 
 
 def _require(package: str) -> Path:
@@ -46,32 +43,18 @@ def _require(package: str) -> Path:
     return path
 
 
-def _package(name: str, path: Path | None) -> types.ModuleType:
-    """An importable package ``name`` whose ``__init__`` is not run (its submodules load normally)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    module = types.ModuleType(name)
-    module.__path__ = [str(path)] if path is not None else []
-    sys.modules[name] = module
-    return module
-
-
 def diffsynth():
-    """``(mova_audio_dit, mova_dual_tower_bridge, mova_audio_vae, wan_video_dit)`` modules of DiffSynth."""
-    root = _require("diffsynth")
-    _package("diffsynth", root)
-    core = _package("diffsynth.core", root / "core")
-    gradient = importlib.import_module("diffsynth.core.gradient")  # the real module (inference = a plain call)
-    core.gradient_checkpoint_forward = gradient.gradient_checkpoint_forward
-    _package("diffsynth.models", root / "models")
-    names = ("mova_audio_dit", "mova_dual_tower_bridge", "mova_audio_vae", "wan_video_dit")
-    return tuple(importlib.import_module(f"diffsynth.models.{n}") for n in names)
+    """``(mova_audio_dit, mova_dual_tower_bridge, mova_audio_vae, wan_video_dit)`` modules of DiffSynth
+    (imported as :func:`plugins.mova.reference.diffsynth_modules` does, for MOVA's reference)."""
+    _require("diffsynth")
+    ds = diffsynth_modules()
+    return ds.audio, ds.bridge, ds.vae, ds.wan
 
 
 def descript_dac():
     """Descript's ``dac.model.dac`` module (Encoder/Decoder blocks with weight norm)."""
     root = _require("dac")
-    _package("dac", root)
+    import_without_init("dac", root)
     if "audiotools" not in sys.modules:  # audio IO and the training base class: not used by the blocks
         audiotools = types.ModuleType("audiotools")
         ml = types.ModuleType("audiotools.ml")
@@ -83,8 +66,8 @@ def descript_dac():
         ml.BaseModel = BaseModel
         audiotools.ml, audiotools.AudioSignal, audiotools.STFTParams = ml, object, object
         sys.modules["audiotools"], sys.modules["audiotools.ml"] = audiotools, ml
-    _package("dac.nn", root / "nn")
-    _package("dac.model", root / "model")
+    import_without_init("dac.nn", root / "nn")
+    import_without_init("dac.model", root / "model")
     importlib.import_module("dac.nn.layers")
     importlib.import_module("dac.nn.quantize")
     # base.py holds CodecMixin/DACFile: file IO and chunked compression helpers, not the blocks

@@ -16,9 +16,6 @@ The references are test-only (see :mod:`tests.mova.refs`); a missing one fails t
 """
 from __future__ import annotations
 
-import ast
-import typing
-
 import pytest
 import torch
 from torch.nn.utils import remove_weight_norm
@@ -28,6 +25,8 @@ from plugins.mova.bridge import BridgeConfig, DualTowerConditionalBridge
 from plugins.mova.dac import AudioDAC, DACConfig
 from plugins.mova.model import MovaVideoDiT, dual_tower_forward
 from plugins.wan.dit import WanDiTConfig
+
+from plugins.mova.reference import diffsynth_model_fn
 
 from . import refs
 
@@ -48,11 +47,8 @@ def randomize(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ds():
+    # (DiffSynth's torch.compile'd rotate-half helper is unwrapped by the importer: same math, no compile)
     audio_mod, bridge_mod, vae_mod, wan_mod = refs.diffsynth()
-    # DiffSynth wraps its rotate-half helper in torch.compile(fullgraph=True); run the function itself
-    # (same math) so the test does not spend its budget compiling the reference.
-    fn = bridge_mod.apply_rotary_pos_emb
-    bridge_mod.apply_rotary_pos_emb = getattr(fn, "_torchdynamo_orig_callable", fn)
     return types_ns(audio=audio_mod, bridge=bridge_mod, vae=vae_mod, wan=wan_mod)
 
 
@@ -133,22 +129,6 @@ def test_bridge_matches_diffsynth(ds, first_frame_bias):
             assert rel(a_ours - audio, a_ref - audio) <= RTOL
 
 
-def _model_fn(ds):
-    """DiffSynth's ``model_fn_mova_audio_video`` from its pipeline source, without importing the
-    pipeline module (whose other imports are datasets and downloads)."""
-    path = refs.REFS / "diffsynth" / "pipelines" / "mova_audio_video.py"
-    tree = ast.parse(path.read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "model_fn_mova_audio_video")
-    from einops import rearrange
-
-    namespace = {"torch": torch, "rearrange": rearrange, "Optional": typing.Optional,
-                 "sinusoidal_embedding_1d": ds.wan.sinusoidal_embedding_1d, "WanModel": ds.wan.WanModel,
-                 "MovaAudioDit": ds.audio.MovaAudioDit, "DualTowerConditionalBridge": ds.bridge.DualTowerConditionalBridge,
-                 "gradient_checkpoint_forward": ds.audio.gradient_checkpoint_forward}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
-    return namespace["model_fn_mova_audio_video"]
-
-
 def test_dual_tower_pass_matches_diffsynth_model_fn(ds):
     """Layer order, pre-update streams, aligned positions, video layers past the shared ones, heads."""
     video, audio, bridge = MovaVideoDiT(TINY_VIDEO).eval(), WanAudioModel(TINY_AUDIO).eval(), DualTowerConditionalBridge(TINY_BRIDGE).eval()
@@ -163,7 +143,7 @@ def test_dual_tower_pass_matches_diffsynth_model_fn(ds):
     ctx = torch.randn(1, 24, 32, generator=g)
     t = torch.tensor([950.0])
     with torch.no_grad():
-        ref_v, ref_a = _model_fn(ds)(r_video, r_audio, r_bridge, video_latents=xv, audio_latents=xa, timestep=t,
+        ref_v, ref_a = diffsynth_model_fn(ds)(r_video, r_audio, r_bridge, video_latents=xv, audio_latents=xa, timestep=t,
                                       context=ctx, y=y, frame_rate=24)
         got_v, got_a = dual_tower_forward(video, audio, bridge, xv, xa, t, ctx, y, 24.0)
     assert got_v.shape == ref_v.shape and got_a.shape == ref_a.shape

@@ -145,7 +145,7 @@ def test_official_layout_loads_through_the_loader_and_generates(checkpoint, pres
         theirs = getattr(loaded, name).state_dict()
         for key, value in module.state_dict().items():
             assert torch.equal(theirs[key], value), f"{name}.{key}"
-    call = {**CALL, "num_frames": 5, "height": 32, "width": 32, "fps": 24, "guidance_scale": 5.0, "shift": 5.0,
+    call = {**CALL, "num_frames": 5, "height": 32, "width": 32, "fps": 24, "guidance_scale": 5.0,
             "boundary": 0.9}
     a, b = loaded("a red fox", **call), src("a red fox", **call)
     assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)

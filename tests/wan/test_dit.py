@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from plugins.wan.diffusers_twins import diffusers_transformer
 from plugins.wan.dit import (
     WAN_DIT_CONFIGS,
     WanDiTConfig,
@@ -111,32 +111,6 @@ def test_sinusoidal_features_cos_first_float64():
 # Parity with diffusers.WanTransformer3DModel
 
 
-def to_diffusers_key(key: str) -> str:
-    """Official Wan key -> diffusers key (the converter table of DiffSynth-Studio, checked here against diffusers)."""
-    top = {
-        r"^text_embedding\.0\.": "condition_embedder.text_embedder.linear_1.",
-        r"^text_embedding\.2\.": "condition_embedder.text_embedder.linear_2.",
-        r"^time_embedding\.0\.": "condition_embedder.time_embedder.linear_1.",
-        r"^time_embedding\.2\.": "condition_embedder.time_embedder.linear_2.",
-        r"^time_projection\.1\.": "condition_embedder.time_proj.",
-        r"^head\.modulation$": "scale_shift_table",
-        r"^head\.head\.": "proj_out.",
-    }
-    for pattern, repl in top.items():
-        if re.search(pattern, key):
-            return re.sub(pattern, repl, key)
-    block = [
-        (r"\.self_attn\.", ".attn1."), (r"\.cross_attn\.", ".attn2."),
-        (r"\.attn(\d)\.q\.", r".attn\1.to_q."), (r"\.attn(\d)\.k\.", r".attn\1.to_k."),
-        (r"\.attn(\d)\.v\.", r".attn\1.to_v."), (r"\.attn(\d)\.o\.", r".attn\1.to_out.0."),
-        (r"\.norm3\.", ".norm2."), (r"\.ffn\.0\.", ".ffn.net.0.proj."), (r"\.ffn\.2\.", ".ffn.net.2."),
-        (r"\.modulation$", ".scale_shift_table"),
-    ]
-    for pattern, repl in block:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
 class _Float64Timesteps(torch.nn.Module):
     """diffusers' timestep features with the official float64 arithmetic (ours), see test docstring."""
 
@@ -151,14 +125,7 @@ def make_pair(cfg: WanDiTConfig, seed: int = 0, official_timesteps: bool = True)
         for name, p in ours.named_parameters():
             if name.endswith((".bias", "norm_q.weight", "norm_k.weight", "norm3.weight")):
                 p.add_(0.1 * torch.randn_like(p))
-    theirs = diffusers.WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=cfg.eps,
-    ).eval()
-    mapped = {to_diffusers_key(k): v for k, v in ours.state_dict().items()}
-    theirs.load_state_dict(mapped, strict=True)
+    theirs = diffusers_transformer(ours)  # official key names mapped, loaded strict=True
     if official_timesteps:
         theirs.condition_embedder.timesteps_proj = _Float64Timesteps()
     return ours, theirs

@@ -19,12 +19,12 @@ a few minutes on CPU), from the repository root::
 from __future__ import annotations
 
 import hashlib
-import re
 import sys
 
 import pytest
 import torch
 
+from plugins.wan.diffusers_twins import diffusers_vae
 from plugins.wan.vae import (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WAN21_VAE_CONFIG,
                              WAN21_VAE_TINY_CONFIG, RMS_norm, WanVAE, tiled_decode)
 from plugins.wan.vae22 import (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WAN22_VAE_CONFIG,
@@ -112,57 +112,12 @@ def test_pth_round_trip(which, vae21, vae22, tmp_path):
 # ---------------------------------------------------------------------------- diffusers parity
 
 
-def _to_diffusers_key(key: str, v22: bool) -> str:
-    """Official → diffusers names (docs/models.md, Wan VAEs)."""
-    k = key
-    if v22:
-        k = re.sub(r"^encoder\.downsamples\.(\d+)\.downsamples\.2\.", r"encoder.down_blocks.\1.downsampler.", k)
-        k = re.sub(r"^encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", k)
-        k = re.sub(r"^decoder\.upsamples\.(\d+)\.upsamples\.3\.", r"decoder.up_blocks.\1.upsampler.", k)
-        k = re.sub(r"^decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.", r"decoder.up_blocks.\1.resnets.\2.", k)
-    else:
-        k = re.sub(r"^encoder\.downsamples\.", "encoder.down_blocks.", k)
-        m = re.match(r"^decoder\.upsamples\.(\d+)\.(.*)$", k)
-        if m:
-            i = int(m.group(1))
-            b, j = divmod(i, 4)
-            k = (f"decoder.up_blocks.{b}.upsamplers.0.{m.group(2)}" if j == 3
-                 else f"decoder.up_blocks.{b}.resnets.{j}.{m.group(2)}")
-    k = re.sub(r"^(encoder|decoder)\.conv1\.", r"\1.conv_in.", k)
-    k = re.sub(r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0.", k)
-    k = re.sub(r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0.", k)
-    k = re.sub(r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1.", k)
-    k = re.sub(r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out.", k)
-    k = re.sub(r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out.", k)
-    k = re.sub(r"^conv1\.", "quant_conv.", k)
-    k = re.sub(r"^conv2\.", "post_quant_conv.", k)
-    for a, b in (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
-                 ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut.")):
-        k = k.replace(a, b)
-    return k
-
-
 def _diffusers_twin(model: WanVAE, v22: bool):
-    import diffusers
+    """diffusers' AutoencoderKLWan with ``model``'s weights, official names mapped (docs/models.md, Wan
+    VAEs; ``plugins.wan.diffusers_twins``), loaded strict=True."""
     if v22:
-        cfg = WAN22_VAE_TINY_CONFIG
-        ref = diffusers.AutoencoderKLWan(
-            base_dim=cfg["dim"], decoder_base_dim=cfg["dec_dim"], z_dim=cfg["z_dim"],
-            dim_mult=list(cfg["dim_mult"]), num_res_blocks=cfg["num_res_blocks"],
-            temperal_downsample=list(cfg["temporal_downsample"]), is_residual=True,
-            in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-            latents_mean=list(WAN22_LATENTS_MEAN), latents_std=list(WAN22_LATENTS_STD))
-    else:
-        cfg = WAN21_VAE_TINY_CONFIG
-        ref = diffusers.AutoencoderKLWan(
-            base_dim=cfg["dim"], z_dim=cfg["z_dim"], dim_mult=list(cfg["dim_mult"]),
-            num_res_blocks=cfg["num_res_blocks"], temperal_downsample=list(cfg["temporal_downsample"]))
-    sd = {_to_diffusers_key(k, v22): v for k, v in model.state_dict().items()}
-    ref_sd = ref.state_dict()
-    assert set(sd) == set(ref_sd), (sorted(set(sd) ^ set(ref_sd)))[:10]
-    assert all(sd[k].shape == ref_sd[k].shape for k in sd)
-    ref.load_state_dict(sd, strict=True)
-    return ref.eval()
+        return diffusers_vae(model, WAN22_VAE_TINY_CONFIG, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)
+    return diffusers_vae(model, WAN21_VAE_TINY_CONFIG)
 
 
 @pytest.mark.parametrize("which", ["wan2.1", "wan2.2"])

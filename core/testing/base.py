@@ -37,7 +37,10 @@ class PluginConformance:
 
     @pytest.fixture
     def ditkit_options(self, request) -> KitOptions:
-        config = request.config
+        return self.kit_options(request.config)
+
+    def kit_options(self, config) -> KitOptions:
+        """The kit's options from the pytest command line (and ``strict`` from the class)."""
         get = config.getoption
         try:
             return KitOptions(max_examples=get("ditkit_max_examples"), usp_world=get("ditkit_usp_world"),

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..compile import repeated_block_names
-from ..errors import CompileError, InputError, WeightsError
+from ..errors import CompileError, GenerationError, InputError, WeightsError
 from ..spec import ModelSpec
 from .subject import Subject
 
@@ -395,7 +395,11 @@ def check_end_to_end(subject: Subject, opts: KitOptions) -> dict:
     seconds = {}
     for steps in sorted({1, default}):
         start = time.perf_counter()
-        _end_to_end(subject, pipe(PROMPT, **subject.call_args(num_inference_steps=steps)), steps)
+        try:
+            out = pipe(PROMPT, **subject.call_args(num_inference_steps=steps))
+        except GenerationError as exc:  # the core's guard: a non-finite latent or output
+            fail(f"generating at num_inference_steps={steps} should give finite output: {exc}")
+        _end_to_end(subject, out, steps)
         seconds[str(steps)] = round(time.perf_counter() - start, 3)
     return {"num_inference_steps": sorted({1, default}), "seconds": seconds}
 

@@ -76,10 +76,10 @@ MEANING: dict[str, str] = {
 }
 
 
-def resolve_reference(spec) -> Callable[..., Any] | None:
+def resolve_reference(spec, strict: bool = False) -> Callable[..., Any] | None:
     """The declared reference as a callable; ``"module:attr"`` is imported here. Raises
-    :class:`CheckSkipped` (missing third-party package) or :class:`CheckFailed` (a reference that
-    names something that does not exist)."""
+    :class:`CheckSkipped` (a third-party package it needs is missing; :class:`CheckFailed` when
+    ``strict``) or :class:`CheckFailed` (a reference that names something that does not exist)."""
     ref = spec.conformance.reference
     if ref is None or callable(ref):
         return ref
@@ -92,17 +92,18 @@ def resolve_reference(spec) -> Callable[..., Any] | None:
         if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
             raise CheckFailed(f"Conformance.reference of {spec.name!r} names module {module!r}, which does not "
                               f"exist ({exc})") from None
-        raise _missing_package(spec, exc) from None
+        raise _missing_package(spec, exc, strict) from None
     try:
         return getattr(obj, attr)
     except AttributeError:
         raise CheckFailed(f"Conformance.reference of {spec.name!r}: module {module!r} has no attribute {attr!r}") from None
 
 
-def _missing_package(spec, exc: ModuleNotFoundError) -> CheckSkipped:
+def _missing_package(spec, exc: ModuleNotFoundError, strict: bool) -> Exception:
     package = (exc.name or str(exc)).split(".")[0]
-    return CheckSkipped(f"fidelity unproven here: the reference of {spec.name!r} needs the package {package!r}, "
-                        f"which is not installed (pip install {package})")
+    message = (f"fidelity unproven here: the reference of {spec.name!r} needs the package {package!r}, which is not "
+               f"installed (pip install {package})")
+    return CheckFailed(message + "; --strict requires the reference to run") if strict else CheckSkipped(message)
 
 
 def _leaves(value, where: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -182,7 +183,7 @@ def _plain(value) -> bool:
 
 def reference_parity(subject: Subject, opts: KitOptions) -> dict:
     spec = subject.spec
-    reference = resolve_reference(spec)
+    reference = resolve_reference(spec, opts.strict)
     if reference is None:
         message = (f"fidelity unproven: {spec.name!r} declares no Conformance.reference (an independent "
                    f"implementation of the same generation; see CONTRIBUTING.md)")
@@ -206,10 +207,7 @@ def reference_parity(subject: Subject, opts: KitOptions) -> dict:
         with torch.no_grad():
             ref = reference(pipe, dict(call), trace["noise"])
     except ModuleNotFoundError as exc:
-        skipped = _missing_package(spec, exc)
-        if opts.strict:
-            raise CheckFailed(f"{skipped}; --strict requires the reference to run") from None
-        raise skipped from None
+        raise _missing_package(spec, exc, opts.strict) from None
     if not isinstance(ref, dict):
         raise CheckFailed(f"the reference of {spec.name!r} returned {type(ref).__name__}; expected a dict "
                           f"{{stage: tensor}} with stages from {list(REFERENCE_STAGES)}")

@@ -23,16 +23,21 @@ stage               what                                                 metric 
 on the CPU, same weights, same noise, so only the order of floating-point operations differs):
 
 - ``sigmas``: both sides compute the schedule in float64 or float32 and keep float32, so they
-  differ by a few ulps (≤ 1.2e-7 on [0, 1]); 1e-6 is ~10 ulps. A schedule that is slightly
-  wrong (a shift 1 % off) moves the middle sigmas by ~1e-3.
+  differ by a few ulps (≤ 1.2e-7 on [0, 1]; Qwen-Image measured 1.9e-8); 1e-6 is ~10 ulps. A
+  schedule that is slightly wrong moves some sigma by far more: a shift 1 % off moves the middle
+  ones by ~2e-3, Wan's 0.999 grid in place of 1 by 3.8e-4, a terminal stretch to 0.025 instead
+  of 0.02 by 5e-3 (measured).
 - ``text_embeddings``, ``velocity``: one forward pass of a few layers; different matmul blocking,
-  attention kernels and fused norms give ~1e-7 relative; 1e-5 leaves 100× headroom, while a
-  real difference (a dropped template token, a missing norm, the timestep off by a factor) is
-  O(1e-2) or more.
-- ``latents``, ``output``: the per-step errors add up over the steps and through the decoder, and
-  a tiny random decoder amplifies them (a random VAE's gain is far from 1): measured ≤ 1e-6 on
-  the built-ins; 1e-4 still catches a guidance formula or a decoder scaling that is wrong
-  (≥ 1e-2 on the mutations of ``tests/integrations/test_reference_parity.py``).
+  attention kernels and fused norms give ~1e-7 relative (Qwen-Image's diffusers DiT: 1.3e-7);
+  1e-5 leaves ~100× headroom, while a real difference (a dropped template token, a missing
+  norm, the timestep off by a factor) is O(1e-2) or more.
+- ``latents``, ``output``: the per-step errors add up over the steps and through the decoder,
+  which a tiny random VAE amplifies (its gain is far from 1): measured 2.0e-7 and 5.3e-7 on
+  Qwen-Image against diffusers, 0 on the diffusers-Flux example. 1e-4 leaves ~200× headroom and
+  still catches the subtlest wrong step tried: Qwen-Image's CFG without its per-token rescale
+  differs by 1.3e-3 in the latents (13× the tolerance; ``scripts/reference_mutations_qwen.py``),
+  a wrong guidance weight or a decoder that skips the VAE's scaling by 0.27 and 0.87 on the
+  Flux example (``tests/kit_plugins/flux_mutants.py``).
 
 A plugin may loosen (or tighten) one stage with ``Conformance.reference_tolerances`` (e.g. a
 reference in bfloat16, or one whose decoder runs a different but equivalent algorithm), saying
@@ -68,11 +73,11 @@ TOLERANCES: dict[str, float] = {
 METRICS: dict[str, str] = {stage: METRIC for stage in REFERENCE_STAGES} | {"sigmas": "max |Δσ|"}
 
 MEANING: dict[str, str] = {
-    "text_embeddings": "the prompt's embeddings",
-    "sigmas": "the sigma schedule",
+    "text_embeddings": "prompt encoding",
+    "sigmas": "the schedule",
     "velocity": "one denoiser forward at the first sigma",
-    "latents": "the final latents: guidance and sampler steps",
-    "output": "the decoded output",
+    "latents": "guidance and sampler steps",
+    "output": "decoding",
 }
 
 
@@ -229,7 +234,7 @@ def reference_parity(subject: Subject, opts: KitOptions) -> dict:
         why = f" ({first['reason']})" if first.get("reason") else ""
         err = first["error"] if isinstance(first["error"], str) else format(first["error"], ".3g")
         raise CheckFailed(
-            f"first stage that differs from the reference: {first['stage']} ({MEANING[first['stage']]}), error {err} > "
+            f"first stage that differs from the reference: {first['stage']} ({MEANING[first['stage']]}): {err} > "
             f"{first['tolerance']:g}{why}; ladder: {ladder_summary(rows)}", details)
     if "output" not in details["compared"]:
         raise CheckFailed(f"the reference of {spec.name!r} returned no 'output': the ladder must end at the decoded "

@@ -89,7 +89,7 @@ def summary(details: dict) -> str:
 
         parts.append(ladder_summary(details["stages"]))
     if "num_inference_steps" in details and "seconds" in details:  # end-to-end
-        parts.append("steps " + ", ".join(f"{n} ({details['seconds'][str(n)]:.1f} s)" for n in details["num_inference_steps"]))
+        parts.append("steps " + ", ".join(f"{n} ({details['seconds'][str(n)]:.2f} s)" for n in details["num_inference_steps"]))
     if "graphs_after_first_call" in details:
         parts.append("graphs " + " ".join(f"{k}={n}" for k, n in details["graphs_after_first_call"].items()))
     return "; ".join(parts)

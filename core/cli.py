@@ -131,7 +131,7 @@ def _cmd_check(args) -> int:
     from .testing.runner import failed, to_json
 
     subject = Subject(args.model, plugin=args.plugin)
-    opts = KitOptions(max_examples=args.max_examples, usp_world=args.usp or 2)
+    opts = KitOptions(max_examples=args.max_examples, usp_world=args.usp or 2, strict=args.strict)
     if not args.json:
         print(f"checking {subject.spec.name} ({subject.record.distribution}) ...", file=sys.stderr)
 
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-k", default=None, metavar="PATTERN", help="only checks whose id contains PATTERN (or matches a glob)")
     c.add_argument("--max-examples", type=int, default=3, help="Hypothesis size draws per shape check (default 3)")
     c.add_argument("--plugin", default=None, help="register this plugin module first (module or module:attr)")
+    c.add_argument("--strict", action="store_true",
+                   help="fail reference-parity when fidelity is unproven (no Conformance.reference, or its package missing)")
     c.set_defaults(func=_cmd_check)
 
     from . import bench

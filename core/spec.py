@@ -237,6 +237,23 @@ class Conformance(_Record):
     its own text encoding, schedule, guidance and decoding, for any of the stages of
     :data:`core.pipeline.REFERENCE_STAGES`, in the plugin's layout. A reference that needs a package
     ditkit does not depend on imports it inside and raises ``ModuleNotFoundError`` when it is missing."""
+    reference_tolerances: dict[str, float] = Field(default_factory=dict)
+    """Stage -> tolerance, replacing the kit's default for that stage of the ``reference-parity``
+    ladder (``core.testing.reference.TOLERANCES``: relative error 1e-5 for text embeddings and the
+    first velocity, 1e-4 for latents and output, max |Δσ| 1e-6 for the sigmas)."""
+
+    @field_validator("reference_tolerances")
+    @classmethod
+    def _known_stages(cls, v: dict[str, float]) -> dict[str, float]:
+        from .pipeline import REFERENCE_STAGES
+
+        unknown = sorted(set(v) - set(REFERENCE_STAGES))
+        if unknown:
+            raise ValueError(f"reference_tolerances names {unknown}; the stages are {list(REFERENCE_STAGES)}")
+        bad = {k: t for k, t in v.items() if not t > 0}
+        if bad:
+            raise ValueError(f"reference_tolerances must be positive, got {bad}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------

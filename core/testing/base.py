@@ -15,13 +15,16 @@ class PluginConformance:
 
     ``plugin`` (``"module"`` / ``"module:attr"``) registers a plugin that is not installed through
     an entry point. ``expected_failures`` maps check ids to reasons; such checks are reported as
-    xfail. Options: ``--ditkit-max-examples`` (Hypothesis examples per shape check) and
-    ``--ditkit-usp-world`` (ranks for the USP check), from the kit's pytest plugin.
+    xfail. Options: ``--ditkit-max-examples`` (Hypothesis examples per shape check),
+    ``--ditkit-usp-world`` (ranks for the USP check) and ``--ditkit-strict`` (``reference-parity``
+    fails when fidelity is unproven), from the kit's pytest plugin; ``strict = True`` on the
+    subclass makes that model strict whatever the command line says.
     """
 
     model_name: str | None = None
     plugin: str | None = None
     expected_failures: dict[str, str] = {}
+    strict: bool = False
 
     @pytest.fixture
     def ditkit_subject(self) -> Subject:
@@ -34,12 +37,16 @@ class PluginConformance:
 
     @pytest.fixture
     def ditkit_options(self, request) -> KitOptions:
-        config = request.config
+        return self.kit_options(request.config)
+
+    def kit_options(self, config) -> KitOptions:
+        """The kit's options from the pytest command line (and ``strict`` from the class)."""
         get = config.getoption
         try:
-            return KitOptions(max_examples=get("ditkit_max_examples"), usp_world=get("ditkit_usp_world"))
+            return KitOptions(max_examples=get("ditkit_max_examples"), usp_world=get("ditkit_usp_world"),
+                              strict=self.strict or get("ditkit_strict"))
         except ValueError:  # the kit's pytest plugin is not active
-            return KitOptions()
+            return KitOptions(strict=self.strict)
 
     def _run(self, check_id: str, subject: Subject, opts: KitOptions) -> None:
         done = subject.__dict__.setdefault("_results", {})  # earlier checks' results, for dependencies

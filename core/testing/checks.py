@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..compile import repeated_block_names
-from ..errors import CompileError, InputError, WeightsError
+from ..errors import CompileError, GenerationError, InputError, WeightsError
 from ..spec import ModelSpec
 from .subject import Subject
 
@@ -48,6 +49,9 @@ class KitOptions:
     timeout: float = 240.0
     seed: int = 0
     """Hypothesis seed: draws are random across the declared ranges, yet the same on every run and rank."""
+    strict: bool = False
+    """``reference-parity`` fails, rather than skips, when fidelity is unproven (no reference, or its
+    package missing): ``ditkit check --strict``, ``pytest --ditkit-strict``."""
 
 
 METRIC = "‖got − ref‖ / ‖ref − mean(ref)‖"
@@ -383,9 +387,25 @@ _RANGES = {"image": (0.0, 1.0), "video": (0.0, 1.0), "video+audio": (0.0, 1.0), 
 _DIMS = {"image": 4, "video": 5, "video+audio": 5, "audio": 3}
 
 
-def check_end_to_end(subject: Subject, opts: KitOptions) -> None:
+def check_end_to_end(subject: Subject, opts: KitOptions) -> dict:
+    """At one step (the shortest schedule: σ from 1 straight to 0) and at the tiny preset's default
+    step count, each output must be finite and of the declared kind, shape, dtype and range."""
+    pipe = subject.pipe()
+    default = pipe.resolve()["num_inference_steps"]
+    seconds = {}
+    for steps in sorted({1, default}):
+        start = time.perf_counter()
+        try:
+            out = pipe(PROMPT, **subject.call_args(num_inference_steps=steps))
+        except GenerationError as exc:  # the core's guard: a non-finite latent or output
+            fail(f"generating at num_inference_steps={steps} should give finite output: {exc}")
+        _end_to_end(subject, out, steps)
+        seconds[str(steps)] = round(time.perf_counter() - start, 3)
+    return {"num_inference_steps": sorted({1, default}), "seconds": seconds}
+
+
+def _end_to_end(subject: Subject, out, steps: int) -> None:
     spec = subject.spec
-    out = subject.pipe()(PROMPT, **subject.call_args())
     kind = spec.capabilities.output
     if out.kind != kind:
         fail(f"the tiny pipeline should return {kind!r} output as declared, got {out.kind!r}")
@@ -396,9 +416,16 @@ def check_end_to_end(subject: Subject, opts: KitOptions) -> None:
         fail("video+audio output should carry a (batch, channels, samples) audio tensor")
     lo, hi = _RANGES[kind]
     if not torch.isfinite(x).all() or x.min() < lo or x.max() > hi:
-        fail(f"{kind} output should be finite and within [{lo}, {hi}], got [{x.min().item():.3g}, {x.max().item():.3g}]")
+        fail(f"{kind} output at num_inference_steps={steps} should be finite and within [{lo}, {hi}], got "
+             f"[{x.min().item():.3g}, {x.max().item():.3g}]")
     if out.kind in ("video", "video+audio") and not out.fps:
         fail("video output should carry its fps")
+
+
+def check_reference_parity(subject: Subject, opts: KitOptions) -> dict:
+    from .reference import reference_parity  # its own module (imports this one)
+
+    return reference_parity(subject, opts)
 
 
 def check_bad_input(subject: Subject, opts: KitOptions) -> None:
@@ -435,7 +462,10 @@ CHECKS: tuple[Check, ...] = (
     Check("no-recompile", "no recompilation across steps, CFG, resolutions", check_no_recompile, ("repeated-blocks",)),
     Check("usp-parity", "USP on N gloo ranks (--usp N, default 2) equals one process", check_usp_parity, ("tiny-builds",)),
     Check("determinism", "same seed same output, other seed other output", check_determinism, ("tiny-builds",)),
-    Check("end-to-end", "output kind, shape, dtype and range", check_end_to_end, ("tiny-builds",)),
+    Check("end-to-end", "finite output of the declared kind, shape and range, at 1 step and the default steps",
+          check_end_to_end, ("tiny-builds",)),
     Check("bad-input", "bad inputs raise InputError", check_bad_input, ("tiny-builds",)),
+    Check("reference-parity", "equals an independent reference: text, sigmas, first velocity, latents, output",
+          check_reference_parity, ("tiny-builds",)),
 )
 CHECK_IDS = tuple(c.id for c in CHECKS)

@@ -10,6 +10,8 @@ def pytest_addoption(parser):
     group.addoption("--ditkit-max-examples", type=int, default=2,
                     help="Hypothesis examples per shape property (compile and USP parity); default 2")
     group.addoption("--ditkit-usp-world", type=int, default=2, help="ranks for the USP parity check; default 2")
+    group.addoption("--ditkit-strict", action="store_true", default=False,
+                    help="reference-parity fails, rather than skips, when fidelity is unproven (no reference or its package missing)")
 
 
 def pytest_report_header(config):

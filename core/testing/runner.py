@@ -84,6 +84,12 @@ def summary(details: dict) -> str:
         lengths = sorted({f"{s['sequence']}={s['total']}" + (f"(r{s['remainder']})" if s["remainder"] else "")
                           for c in details["cases"] for s in c["splits"]})
         parts.append(f"{details['cases_with_remainder']} uneven on {details['world']} ranks; lengths {' '.join(lengths)}")
+    if "stages" in details:  # reference-parity: the ladder, each stage's error against its tolerance
+        from .reference import ladder_summary
+
+        parts.append(ladder_summary(details["stages"]))
+    if "num_inference_steps" in details and "seconds" in details:  # end-to-end
+        parts.append("steps " + ", ".join(f"{n} ({details['seconds'][str(n)]:.2f} s)" for n in details["num_inference_steps"]))
     if "graphs_after_first_call" in details:
         parts.append("graphs " + " ".join(f"{k}={n}" for k, n in details["graphs_after_first_call"].items()))
     return "; ".join(parts)

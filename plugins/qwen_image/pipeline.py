@@ -159,6 +159,7 @@ class QwenImagePipeline(Pipeline):
                  width, aspect_ratio=None, progress=None) -> Output:
         do_cfg = guidance_scale > 1.0 and negative_prompt is not None
         context = {"cond": self.encode_prompt(prompt)}
+        self.trace("text_embeddings", context["cond"])
         if do_cfg:
             context["uncond"] = self.encode_prompt(negative_prompt)
         h, w = height // 8, width // 8

@@ -189,6 +189,8 @@ def model_spec() -> ModelSpec:
             # prompt and the negative prompt " " have different token counts
             uneven_call={"height": 48, "width": 80},
             bad_inputs=[{"aspect_ratio": "5:4"}, {"aspect_ratio": "1:1", "height": 64}],
+            # diffusers' QwenImagePipeline loading what write_checkpoint writes (test-time: diffusers)
+            reference="plugins.qwen_image.reference:diffusers_reference",
         ),
     )
 

@@ -6,6 +6,12 @@ loop of diffusers' ``FluxPipeline`` on ditkit's base class (flow-matching Euler 
 classifier-free guidance): latents ``(1, C, H/s, W/s)`` (``s`` the VAE's scale) packed into 2×2
 patches, so a ``H``×``W`` image is ``(H/2s)·(W/2s)`` image tokens.
 
+Schedule: diffusers' ``FlowMatchEulerDiscreteScheduler`` with :data:`SCHEDULER_CONFIG`, the
+example's published ``scheduler/scheduler_config.json``: a fixed shift of 3 (FLUX.1-dev shifts by
+resolution instead), computed here by :func:`core.sampler.shifted_sigmas`. The conformance kit's
+``reference-parity`` check runs diffusers' own ``FluxPipeline`` with that config
+(:mod:`ditkit_diffusers_flux.reference`).
+
 Stand-in: real Flux encodes the prompt twice (CLIP for the pooled vector, T5 for the tokens).
 This example uses one small ``transformers.CLIPTextModel`` for both (its pooled output and its
 token states) and transformers' byte-level ``ByT5Tokenizer``, which needs no vocabulary file.
@@ -19,9 +25,16 @@ from core.integrations.diffusers import route_attention
 from core.sampler import shifted_sigmas
 
 
+SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                    "use_dynamic_shifting": False}
+"""The published ``scheduler/scheduler_config.json`` (the checkpoint writer writes it): the schedule
+this pipeline computes, and the one diffusers computes for the reference."""
+
+
 class DiffusersFluxPipeline(Pipeline):
     compilable_models = ("transformer",)
-    defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 32, "width": 32, "shift": 3.0}
+    defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 32, "width": 32,
+                "shift": SCHEDULER_CONFIG["shift"], "negative_prompt": ""}
 
     def __init__(self, config: dict, *, device, dtype, weights=None, seed: int = 0):
         from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -29,7 +42,7 @@ class DiffusersFluxPipeline(Pipeline):
 
         super().__init__(device=device, dtype=dtype)
         self.max_tokens = config["max_tokens"]
-        self.tokenizer = ByT5Tokenizer()
+        self.tokenizer = ByT5Tokenizer(model_max_length=self.max_tokens)
         with torch.random.fork_rng(devices=[]):  # seeded random weights, without touching the caller's RNG
             torch.manual_seed(seed)
             self.text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
@@ -59,9 +72,20 @@ class DiffusersFluxPipeline(Pipeline):
         out = self.text_encoder(ids)
         return out.last_hidden_state.to(self.dtype), out.pooler_output.to(self.dtype)
 
+    def sigmas(self, num_inference_steps: int, shift: float) -> torch.Tensor:
+        """``num_inference_steps + 1`` noise levels, the last 0 (:data:`SCHEDULER_CONFIG`'s fixed shift)."""
+        return shifted_sigmas(num_inference_steps, shift)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents ``(1, C, h, w)`` → image ``(1, 3, H, W)`` in [0, 1], undoing the VAE's scaling and shift."""
+        z = x / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        image = self.vae.decode(z.to(self.dtype), return_dict=False)[0].float()
+        return (image / 2 + 0.5).clamp(0, 1)
+
     def generate(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator, height, width,
                  shift, progress=None):
         cond = {"cond": self.encode_prompt(prompt), "uncond": self.encode_prompt(negative_prompt or "")}
+        self.trace("text_embeddings", cond["cond"])
         h, w = height // self.vae_scale, width // self.vae_scale
         channels = self.vae.config.latent_channels
         x = self.noise((1, channels, h, w), seed, generator=generator)
@@ -69,7 +93,7 @@ class DiffusersFluxPipeline(Pipeline):
         rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(self.device, self.dtype)
         txt_ids = torch.zeros(self.max_tokens, 3, device=self.device, dtype=self.dtype)
-        sigmas = shifted_sigmas(num_inference_steps, shift)
+        sigmas = self.sigmas(num_inference_steps, shift)
 
         def velocity(x, sigma, branch, step):
             text, pooled = cond[branch]
@@ -79,9 +103,7 @@ class DiffusersFluxPipeline(Pipeline):
             return _unpack(out.float(), h, w)
 
         x = self.denoise(x, sigmas, velocity, guidance_scale=guidance_scale, progress=progress)
-        z = x / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-        image = self.vae.decode(z.to(self.dtype), return_dict=False)[0].float()
-        return Output(kind="image", images=(image / 2 + 0.5).clamp(0, 1))
+        return Output(kind="image", images=self.decode(x))
 
 
 def _pack(x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +118,14 @@ def _unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def write_checkpoint(pipe: DiffusersFluxPipeline, root) -> None:
     """diffusers' folder layout: ``transformer/`` and ``vae/`` (config.json +
-    diffusion_pytorch_model.safetensors), ``text_encoder/`` (config.json + model.safetensors)."""
+    diffusion_pytorch_model.safetensors), ``text_encoder/`` (config.json + model.safetensors),
+    ``scheduler/scheduler_config.json`` (:data:`SCHEDULER_CONFIG`)."""
+    import json
     from pathlib import Path
 
     root = Path(root)
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
     pipe.transformer.save_pretrained(root / "transformer")
     pipe.vae.save_pretrained(root / "vae")
     pipe.text_encoder.save_pretrained(root / "text_encoder")

@@ -65,6 +65,8 @@ def ditkit_register_models():
             conformance=Conformance(
                 sizes={"height": SizeRange(min=16, max=48, multiple=8), "width": SizeRange(min=16, max=48, multiple=8)},
                 uneven_call={"height": 24, "width": 40},  # 3×5 = 15 image tokens: remainder 1 on 2 ranks, 3 on 4
+                # diffusers' own FluxPipeline fed this plugin's modules and the published scheduler config
+                reference="ditkit_diffusers_flux.reference:flux_pipeline_reference",
             ),
         )
     ]

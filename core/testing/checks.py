@@ -437,5 +437,12 @@ CHECKS: tuple[Check, ...] = (
     Check("determinism", "same seed same output, other seed other output", check_determinism, ("tiny-builds",)),
     Check("end-to-end", "output kind, shape, dtype and range", check_end_to_end, ("tiny-builds",)),
     Check("bad-input", "bad inputs raise InputError", check_bad_input, ("tiny-builds",)),
+    Check("lora", "LoRA equals merged weights, no recompile, exact unload", lambda s, o: _lora(s, o), ("tiny-builds",)),
 )
+
+
+def _lora(subject: Subject, opts: KitOptions):
+    from .lora import check_lora  # its own file (core/testing/lora.py)
+
+    return check_lora(subject, opts)
 CHECK_IDS = tuple(c.id for c in CHECKS)

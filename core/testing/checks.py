@@ -437,12 +437,14 @@ CHECKS: tuple[Check, ...] = (
     Check("determinism", "same seed same output, other seed other output", check_determinism, ("tiny-builds",)),
     Check("end-to-end", "output kind, shape, dtype and range", check_end_to_end, ("tiny-builds",)),
     Check("bad-input", "bad inputs raise InputError", check_bad_input, ("tiny-builds",)),
-    Check("lora", "LoRA equals merged weights, no recompile, exact unload", lambda s, o: _lora(s, o), ("tiny-builds",)),
+    Check("lora", "LoRA equals merged weights, exact unload", lambda s, o: _lora("check_lora", s, o), ("tiny-builds",)),
+    Check("lora-compile", "LoRA on the compiled pipeline: no recompile, in place", lambda s, o: _lora("check_lora_compile", s, o),
+          ("compile-parity",)),
 )
 
 
-def _lora(subject: Subject, opts: KitOptions):
-    from .lora import check_lora  # its own file (core/testing/lora.py)
+def _lora(name: str, subject: Subject, opts: KitOptions):
+    from . import lora  # the LoRA checks live in their own file (core/testing/lora.py)
 
-    return check_lora(subject, opts)
+    return getattr(lora, name)(subject, opts)
 CHECK_IDS = tuple(c.id for c in CHECKS)

@@ -606,3 +606,16 @@ def lora_entries(lora) -> list[tuple[Any, float, str | None]]:
 def load_all(pipe, lora) -> list[LoraReport]:
     """Load every entry of ``core.load(lora=...)`` in order."""
     return [pipe.load_lora(source, scale, component=component) for source, scale, component in lora_entries(lora)]
+
+
+def check_lora_args(spec, texts) -> None:
+    """``ditkit run --lora`` before any work: each file exists and names a LoRA component of the model."""
+    components = [m.component for m in spec.lora]
+    for text in texts:
+        path, _, component = parse_lora_arg(text)
+        if not components:
+            raise InputError(f"--lora {text}: model {spec.name!r} declares no LoRA support")
+        if component is not None and component not in components:
+            raise InputError(f"--lora {text}: {component!r} is not a LoRA component of {spec.name!r} ({', '.join(components)})")
+        if not Path(path).exists():
+            raise InputError(f"--lora {text}: no such file or folder {path}")

@@ -256,3 +256,31 @@ def test_cli_lora_argument():
     assert parse_lora_arg("fast.safetensors:0.8") == ("fast.safetensors", 0.8, None)
     assert parse_lora_arg("dit_low=/l/low.safetensors:1.5") == ("/l/low.safetensors", 1.5, "dit_low")
     assert parse_lora_arg("/odd:name.safetensors") == ("/odd:name.safetensors", 1.0, None)
+
+
+def test_ditkit_run_lora_writes_what_the_python_api_writes(tmp_path, capsys):
+    """``ditkit run --lora FILE:SCALE`` prints the report and writes the image ``core.load(lora=...)``
+    gives; a missing file or a component the model lacks is one error line, exit status 2."""
+    from core.cli import main
+
+    qwen = core.load("qwen-image")
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.img_mlp.net.2"):
+        w = qwen.transformer.get_submodule(name).weight
+        sd[f"transformer.{name}.lora_A.weight"] = torch.randn(2, w.shape[1], generator=g)
+        sd[f"transformer.{name}.lora_B.weight"] = torch.randn(w.shape[0], 2, generator=g)
+    save_file(sd, str(tmp_path / "style.safetensors"))
+    call = ["--steps", "1", "--height", "32", "--width", "32", "--seed", "2", "--prompt", "a red fox"]
+    assert main(["run", "qwen-image", "--lora", f"{tmp_path / 'style.safetensors'}:0.5", *call,
+                 "--out", str(tmp_path / "cli.png"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "LoRA 'style' (peft" in printed and "scale 0.5" in printed and "transformer: 2 of" in printed
+    pipe = core.load("qwen-image", lora=[(tmp_path / "style.safetensors", 0.5)])
+    core.write_output(pipe("a red fox", num_inference_steps=1, height=32, width=32, seed=2, progress=False),
+                      tmp_path / "api.png")
+    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "api.png").read_bytes()
+    for bad in (f"{tmp_path / 'missing.safetensors'}", f"dit_low={tmp_path / 'style.safetensors'}"):
+        assert main(["run", "qwen-image", "--lora", bad, *call, "--out", str(tmp_path / "x.png")]) == 2
+        assert "ditkit: error: --lora" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

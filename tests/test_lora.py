@@ -26,6 +26,14 @@ def pipe():
     return core.load("wan")
 
 
+@pytest.fixture(autouse=True)
+def _no_adapter_left(request):
+    """A failing test leaves no adapter on the shared pipeline for the next one."""
+    yield
+    if "pipe" in request.fixturenames:
+        request.getfixturevalue("pipe").unload_lora()
+
+
 def _pairs(dit, layers=LAYERS, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = {}

@@ -107,7 +107,7 @@ def _publisher_merge(model, lora):
 @pytest.mark.parametrize("prefix", ["", "diffusion_model."])
 def test_lightning_layout_equals_publisher_merge(pipe, prefix):
     """The layout of Qwen-Image-Lightning's files (per layer ``lora_down``/``lora_up``/``alpha``, the
-    ComfyUI copies under ``diffusion_model.``), every linear layer of every block, rank 8, alpha 8."""
+    ComfyUI copies under ``diffusion_model.``), every linear layer of every block, rank 8, alpha 4."""
     import copy
 
     model = pipe.transformer
@@ -117,7 +117,7 @@ def test_lightning_layout_equals_publisher_merge(pipe, prefix):
         if name.startswith("transformer_blocks.") and isinstance(layer, torch.nn.Linear):
             lora[f"{prefix}{name}.lora_down.weight"] = torch.randn(8, layer.in_features, generator=g) / 30
             lora[f"{prefix}{name}.lora_up.weight"] = torch.randn(layer.out_features, 8, generator=g) / 30
-            lora[f"{prefix}{name}.alpha"] = torch.tensor(8.0)
+            lora[f"{prefix}{name}.alpha"] = torch.tensor(4.0)  # alpha / rank = 0.5
     want = copy.deepcopy(model)
     _publisher_merge(want, lora)
     report = pipe.load_lora(lora, adapter_name="lightning")

@@ -45,7 +45,7 @@ def _cmd_plugins(args) -> int:
 def _generation_args(args) -> dict:
     gen = {k: v for k, v in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
                              ("guidance_scale", args.guidance_scale), ("negative_prompt", args.negative_prompt),
-                             ("num_frames", args.num_frames)) if v is not None}
+                             ("num_frames", args.num_frames), ("shift", args.shift)) if v is not None}
     if args.image is not None:
         gen["image"] = _read_image(args.image)
     return gen
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=int, default=None)
     r.add_argument("--width", type=int, default=None)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--shift", type=float, default=None,
+                   help="models with a shift argument (Wan, Qwen-Image): the schedule's shift (few-step LoRAs, docs/models.md)")
     r.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate")
     r.add_argument("--image", default=None, help="image-conditioned models: the input image file")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -267,8 +267,8 @@ def test_cli_lora_argument():
 
 
 def test_ditkit_run_lora_writes_what_the_python_api_writes(tmp_path, capsys):
-    """``ditkit run --lora FILE:SCALE`` prints the report and writes the image ``core.load(lora=...)``
-    gives; a missing file or a component the model lacks is one error line, exit status 2."""
+    """``ditkit run --lora FILE:SCALE --shift 3`` (the Lightning call) prints the report and writes the
+    image ``core.load(lora=...)`` gives; a missing file or a component the model lacks is one error line, exit status 2."""
     from core.cli import main
 
     qwen = core.load("qwen-image")
@@ -279,13 +279,15 @@ def test_ditkit_run_lora_writes_what_the_python_api_writes(tmp_path, capsys):
         sd[f"transformer.{name}.lora_A.weight"] = torch.randn(2, w.shape[1], generator=g)
         sd[f"transformer.{name}.lora_B.weight"] = torch.randn(w.shape[0], 2, generator=g)
     save_file(sd, str(tmp_path / "style.safetensors"))
-    call = ["--steps", "1", "--height", "32", "--width", "32", "--seed", "2", "--prompt", "a red fox"]
+    call = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "2", "--prompt", "a red fox", "--shift", "3",
+            "--guidance-scale", "1"]
     assert main(["run", "qwen-image", "--lora", f"{tmp_path / 'style.safetensors'}:0.5", *call,
                  "--out", str(tmp_path / "cli.png"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "LoRA 'style' (peft" in printed and "scale 0.5" in printed and "transformer: 2 of" in printed
     pipe = core.load("qwen-image", lora=[(tmp_path / "style.safetensors", 0.5)])
-    core.write_output(pipe("a red fox", num_inference_steps=1, height=32, width=32, seed=2, progress=False),
+    core.write_output(pipe("a red fox", num_inference_steps=2, height=32, width=32, seed=2, shift=3.0,
+                           guidance_scale=1.0, progress=False),
                       tmp_path / "api.png")
     assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "api.png").read_bytes()
     for bad in (f"{tmp_path / 'missing.safetensors'}", f"dit_low={tmp_path / 'style.safetensors'}"):

@@ -98,7 +98,7 @@ def test_kohya_file_through_core_load_equals_hand_merged_pipeline(tmp_path):
     assert report.components["dit"].modules == len(LAYERS) and report.components["dit"].deltas == 3
     base.dit = _hand_merged(base.dit, pairs, 0.6, deltas=deltas)
     assert _same_state(lora.dit, base.dit)
-    call = dict(num_inference_steps=2, seed=3, progress=False)
+    call = dict(num_inference_steps=2, guidance_scale=1.0, seed=3, progress=False)
     assert torch.equal(lora("a fox", **call).tensor(), base("a fox", **call).tensor())
 
 
@@ -271,11 +271,11 @@ def test_ditkit_run_lora_writes_what_the_python_api_writes(tmp_path, capsys):
     image ``core.load(lora=...)`` gives; a missing file or a component the model lacks is one error line, exit status 2."""
     from core.cli import main
 
-    qwen = core.load("qwen-image")
+    pipe = core.load("qwen-image")
     g = torch.Generator().manual_seed(4)
     sd = {}
     for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.img_mlp.net.2"):
-        w = qwen.transformer.get_submodule(name).weight
+        w = pipe.transformer.get_submodule(name).weight
         sd[f"transformer.{name}.lora_A.weight"] = torch.randn(2, w.shape[1], generator=g)
         sd[f"transformer.{name}.lora_B.weight"] = torch.randn(w.shape[0], 2, generator=g)
     save_file(sd, str(tmp_path / "style.safetensors"))
@@ -285,7 +285,7 @@ def test_ditkit_run_lora_writes_what_the_python_api_writes(tmp_path, capsys):
                  "--out", str(tmp_path / "cli.png"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "LoRA 'style' (peft" in printed and "scale 0.5" in printed and "transformer: 2 of" in printed
-    pipe = core.load("qwen-image", lora=[(tmp_path / "style.safetensors", 0.5)])
+    pipe.load_lora(tmp_path / "style.safetensors", 0.5)
     core.write_output(pipe("a red fox", num_inference_steps=2, height=32, width=32, seed=2, shift=3.0,
                            guidance_scale=1.0, progress=False),
                       tmp_path / "api.png")

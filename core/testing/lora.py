@@ -26,6 +26,12 @@ RANK, ALPHA = 2, 3.0
 ADAPTER = "ditkit-check"
 
 
+def _call(subject: Subject) -> dict:
+    """One denoising step, one branch: the weights are what is under test, not the sampler."""
+    extra = {"guidance_scale": 1.0} if "guidance_scale" in subject.known_arguments() else {}
+    return subject.call_args(num_inference_steps=1, **extra)
+
+
 def synthetic_lora(pipe, spec, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, plan)``: the file's tensors and, per ``(component, module, param)``, what the
     kit expects added (``("pair", up, down)`` or ``("delta", d)``)."""
@@ -95,7 +101,7 @@ def check_lora(subject: Subject, opts) -> dict:
     params = _params(pipe, spec)
     snapshot = {k: p.detach().clone() for k, p in params.items()}
     sd, plan = synthetic_lora(pipe, spec)
-    call = subject.call_args()
+    call = _call(subject)
     report = pipe.load_lora(sd, scale=0.5, adapter_name=ADAPTER)
     patched = {c: r.modules for c, r in report.components.items()}
     expected = {}
@@ -133,7 +139,7 @@ def check_lora_compile(subject: Subject, opts) -> dict:
         raise CheckSkipped("the model declares no compilable components")
     compiled = _compiled(subject)
     sd, plan = synthetic_lora(compiled, spec)
-    call = subject.call_args()
+    call = _call(subject)
     params = _params(compiled, spec)
     snapshot = {k: p.detach().clone() for k, p in params.items()}
     identity = {k: (id(p), p.data_ptr()) for k, p in params.items()}

@@ -5,7 +5,7 @@ A file (or a state dict) is read into *groups*, one per module it patches: a low
 (``lora_A``/``lora_B``, ``lora_down``/``lora_up``, DiffSynth-Studio's ``lora_A.default``/
 ``lora_B.default``) with its ``alpha``, or whole-parameter deltas (``diff``, ``diff_b`` and the
 plugin's own ``delta_suffixes``). Each group's module name is routed to a component (a declared
-key prefix, or the default component) and translated by the plugin's
+key prefix, else the only declared component; ``component=`` takes every key) and translated by the plugin's
 :class:`core.spec.LoraKeyMap` naming; flattened kohya names (``lora_unet_blocks_0_attn_q``) are
 found by flattening the component's own module names. A key that matches nothing is an error
 naming it.

@@ -259,6 +259,12 @@ class LoraKeyMap(_Record):
     namings: dict[str, Callable[[str], str | None] | str | None] = Field(default_factory=lambda: {"native": None})
     delta_suffixes: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _has_naming(self) -> "LoraKeyMap":
+        if not self.namings:
+            raise ValueError(f"LoRA key map of {self.component!r} declares no naming (use {{'native': None}})")
+        return self
+
 
 class ModelSpec(_Record):
     """One model a plugin registers (the ``ditkit_register_models`` hook returns a list of these).

@@ -45,7 +45,7 @@ def _cmd_plugins(args) -> int:
 def _generation_args(args) -> dict:
     gen = {k: v for k, v in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
                              ("guidance_scale", args.guidance_scale), ("negative_prompt", args.negative_prompt),
-                             ("num_frames", args.num_frames)) if v is not None}
+                             ("num_frames", args.num_frames), ("shift", args.shift)) if v is not None}
     if args.image is not None:
         gen["image"] = _read_image(args.image)
     return gen
@@ -68,6 +68,10 @@ def _preflight(args) -> str:
     _check_wav(args, kind)
     check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
                prompt=args.prompt, seed=args.seed, **_generation_args(args))
+    if args.lora:
+        from .lora import check_lora_args
+
+        check_lora_args(spec, args.lora)
     return out
 
 
@@ -96,6 +100,13 @@ def _cmd_run(args) -> int:
         options.update(use_usp=True)
     pipe = core.load(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype, **options)
     is_main = pipe.parallel is None or pipe.parallel.is_main
+    for text in args.lora or ():
+        from .lora import parse_lora_arg
+
+        path, scale, component = parse_lora_arg(text)
+        report = pipe.load_lora(path, scale, component=component)
+        if is_main:
+            print(report)
     if out is None:
         from .outputs import check_output_path, default_output_name
 
@@ -193,10 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=int, default=None)
     r.add_argument("--width", type=int, default=None)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--shift", type=float, default=None,
+                   help="models with a shift argument (Wan, Qwen-Image): the schedule's shift (few-step LoRAs, docs/models.md)")
     r.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate")
     r.add_argument("--image", default=None, help="image-conditioned models: the input image file")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    r.add_argument("--lora", action="append", default=None, metavar="[COMPONENT=]FILE[:SCALE]",
+                   help="load a LoRA (repeatable; SCALE default 1; COMPONENT for models with several, e.g. dit_low=)")
     r.add_argument("--compile", action="store_true", help="compile_pipeline() first and print its report")
     r.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="compile, loading the matching portable compile-cache bundle from DIR; save it after the run")

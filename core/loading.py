@@ -45,6 +45,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     use_usp: bool = False,
+    lora=None,
     **options,
 ) -> Pipeline:
     """Build the pipeline of a registered model.
@@ -54,10 +55,17 @@ def load(
     checkpoint layout (needed by presets without random weights; with a random-weight preset it
     loads a checkpoint of that preset's shapes). ``use_usp=True`` runs the components sequence-
     parallel across the ranks of the current ``torchrun`` job (options ``ulysses_degree``,
-    ``ring_degree``, ``cfg_parallel``). Other ``options`` go to the plugin's pipeline factory.
+    ``ring_degree``, ``cfg_parallel``). ``lora=[(path, scale), ...]`` loads LoRAs (docs/lora.md;
+    ``(path, scale, component)`` for a model with several LoRA components). Other ``options`` go to
+    the plugin's pipeline factory.
     """
     record = get_registry().model(name)
-    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, _plugin=record.plugin, **options)
+    pipe = load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, _plugin=record.plugin, **options)
+    if lora:
+        from .lora import load_all
+
+        load_all(pipe, lora)
+    return pipe
 
 
 _USP_OPTIONS = ("ulysses_degree", "ring_degree", "cfg_parallel")

@@ -153,6 +153,31 @@ class Pipeline:
 
         return save_bundle(*self._compile_bundle)
 
+    # -- LoRA (core/lora.py, docs/lora.md) -----------------------------------------------------
+    def load_lora(self, path_or_state_dict, scale: float = 1.0, adapter_name: str | None = None, *,
+                  component: str | None = None, strict: bool = True):
+        """Fuse a LoRA (a file, a folder or a state dict; diffusers/PEFT, kohya/ComfyUI or
+        DiffSynth-Studio layout) into the weights in place: ``W + scale·(alpha/rank)·B·A``. Several
+        adapters add up; ``component`` sends the file to that component (models with two DiTs);
+        keys that match no module are an error unless ``strict=False``. Returns a
+        :class:`core.lora.LoraReport`."""
+        from .lora import lora_manager
+
+        return lora_manager(self).load(path_or_state_dict, scale, adapter_name, component=component, strict=strict)
+
+    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
+        """Change a loaded adapter's strength (recomputed from the original weights; no reload, no recompile)."""
+        from .lora import lora_manager
+
+        lora_manager(self).set_scale(adapter_name, scale)
+
+    def unload_lora(self, adapter_name: str | None = None) -> None:
+        """Remove one adapter, or all; the weights are those of the adapters left, and with none
+        left the original weights, bit for bit."""
+        from .lora import lora_manager
+
+        lora_manager(self).unload(adapter_name)
+
     # -- generation ----------------------------------------------------------------------------
     def resolve(self, **kwargs) -> dict[str, Any]:
         """Fill unset (``None``) arguments from the preset's defaults, then the class defaults."""

@@ -24,6 +24,7 @@ __all__ = [
     "AttentionKernelSpec",
     "SizeRange",
     "Conformance",
+    "LoraKeyMap",
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -259,6 +260,29 @@ class Conformance(_Record):
 # ---------------------------------------------------------------------------------------------
 
 
+class LoraKeyMap(_Record):
+    """How LoRA files name the modules of one component (docs/lora.md). The core does the math.
+
+    ``prefixes`` are key prefixes that name this component in a file (diffusers saves
+    ``transformer.``); keys without one go to the component ``load_lora(component=...)`` names, or
+    to the only declared one. ``namings`` maps a naming's label to a function from a module name in
+    the file (prefix stripped) to the component's module name (``None``: the same); per file the
+    core uses the naming under which the most names resolve. ``delta_suffixes`` adds key suffixes of
+    whole-parameter deltas (``{"diff_m": "modulation"}``) to the built-in ``diff`` -> ``weight``,
+    ``diff_b`` -> ``bias``."""
+
+    component: str
+    prefixes: list[str] = Field(default_factory=list)
+    namings: dict[str, Callable[[str], str | None] | str | None] = Field(default_factory=lambda: {"native": None})
+    delta_suffixes: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_naming(self) -> "LoraKeyMap":
+        if not self.namings:
+            raise ValueError(f"LoRA key map of {self.component!r} declares no naming (use {{'native': None}})")
+        return self
+
+
 class ModelSpec(_Record):
     """One model a plugin registers (the ``ditkit_register_models`` hook returns a list of these).
 
@@ -282,6 +306,8 @@ class ModelSpec(_Record):
     usp: list[UspAdapter] = Field(default_factory=list)
     capabilities: Capabilities = Field(default_factory=Capabilities)
     conformance: Conformance = Field(default_factory=Conformance)
+    lora: list[LoraKeyMap] = Field(default_factory=list)
+    """The components a LoRA file may patch and how files name their modules (empty: no LoRA support)."""
     checkpoint_writer: Callable[..., Any] | None = None
     """``writer(pipe, root)`` writes ``pipe``'s weights (and tokenizer files) in the official layout
     under ``root``. Without it the core writes each :class:`WeightFile` from the component's
@@ -322,6 +348,9 @@ class ModelSpec(_Record):
             raise ValueError("USP adapters are declared but capabilities.usp is False")
         if self.capabilities.usp and not self.usp:
             raise ValueError("capabilities.usp is True but no USP adapter is declared")
+        lora = [m.component for m in self.lora]
+        if len(set(lora)) != len(lora):
+            raise ValueError(f"lora declares a component more than once: {lora}")
         return self
 
 

@@ -24,6 +24,10 @@ def test_compile_with_usp_equals_eager_usp_without_recompiling_and_divergence_is
     assert results["compile+usp vs eager+usp"] <= TOL, results
     assert results["recompiled"] == "no", results["recompiled"]
     assert "ranks diverged" in results["divergence"], results["divergence"]
+    # LoRA under USP (the same job): every rank fuses the same weights, checked by one all-gather
+    assert results["lora compile+usp vs eager+usp"] <= TOL and results["lora rescaled compile+usp vs eager+usp"] <= TOL
+    assert results["lora recompiled"] == "no", results["lora recompiled"]
+    assert "ranks diverged: weights after set_lora_scale('style')" in results["lora divergence"], results
 
 
 def test_a_failing_rank_ends_the_run_with_its_error(example_site):

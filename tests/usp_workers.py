@@ -61,7 +61,41 @@ def compile_and_diverge(site: str) -> dict:
         results["divergence"] = "not detected"
     except ParallelError as exc:
         results["divergence"] = str(exc)
+    results.update(_lora_under_usp(eager, compiled))
     return results
+
+
+def _lora_under_usp(eager, compiled) -> dict:
+    """The same LoRA on every rank: compile + USP + LoRA equals eager + USP + LoRA without a
+    recompile, and a rank whose weights differ (another scale) stops every rank."""
+    import torch.distributed as dist
+
+    from core.errors import ParallelError
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, layer in eager.dit.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g)
+            lora[f"transformer.{name}.lora_B.weight"] = 0.05 * torch.randn(layer.out_features, 2, generator=g)
+    out = {}
+    for pipe in (eager, compiled):
+        pipe.load_lora(lora, 0.8, adapter_name="style")
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            out["lora compile+usp vs eager+usp"] = _error(compiled, eager, **UNEVEN)
+            compiled.set_lora_scale("style", 0.4)
+            eager.set_lora_scale("style", 0.4)
+            out["lora rescaled compile+usp vs eager+usp"] = _error(compiled, eager, **UNEVEN)
+        out["lora recompiled"] = "no"
+    except RuntimeError as exc:
+        out["lora recompiled"] = str(exc)[-400:]
+    try:
+        eager.set_lora_scale("style", 1.0 + dist.get_rank())
+        out["lora divergence"] = "not detected"
+    except ParallelError as exc:
+        out["lora divergence"] = str(exc)
+    return out
 
 
 def failing_rank(site: str) -> None:

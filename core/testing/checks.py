@@ -465,7 +465,16 @@ CHECKS: tuple[Check, ...] = (
     Check("end-to-end", "finite output of the declared kind, shape and range, at 1 step and the default steps",
           check_end_to_end, ("tiny-builds",)),
     Check("bad-input", "bad inputs raise InputError", check_bad_input, ("tiny-builds",)),
+    Check("lora", "LoRA equals merged weights, exact unload", lambda s, o: _lora("check_lora", s, o), ("tiny-builds",)),
+    Check("lora-compile", "LoRA on the compiled pipeline: no recompile, in place", lambda s, o: _lora("check_lora_compile", s, o),
+          ("compile-parity",)),
     Check("reference-parity", "equals an independent reference: text, sigmas, first velocity, latents, output",
           check_reference_parity, ("tiny-builds",)),
 )
+
+
+def _lora(name: str, subject: Subject, opts: KitOptions):
+    from . import lora  # the LoRA checks live in their own file (core/testing/lora.py)
+
+    return getattr(lora, name)(subject, opts)
 CHECK_IDS = tuple(c.id for c in CHECKS)

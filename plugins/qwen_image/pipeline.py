@@ -5,7 +5,9 @@ Official behaviour (the diffusers ``QwenImagePipeline``):
 
 * schedule: ``core.sampler.dynamic_shift_sigmas`` with ``L = (H/16)·(W/16)`` image tokens
   (exponential shift μ between 0.5 at 256 and 0.9 at 8192 tokens, stretched so the last σ is
-  0.02, then 0); the DiT receives ``t/1000`` with ``t = 1000·σ`` cast to the model dtype first;
+  0.02, then 0); the DiT receives ``t/1000`` with ``t = 1000·σ`` cast to the model dtype first.
+  ``shift=S`` fixes μ = ln S at every size and drops the terminal stretch: the scheduler config of
+  Qwen-Image-Lightning for S = 3 (docs/models.md, few-step models);
 * true CFG when ``guidance_scale > 1`` and a negative prompt is given (default ``" "``):
   ``v̂ = v_neg + s·(v_pos − v_neg)``, rescaled per token to ``‖v_pos‖`` over the 64 packed
   features (``cfg_rescale_dim=-1`` on the packed latent, which is why the loop runs on packed
@@ -21,6 +23,7 @@ The VAE is :class:`plugins.wan.vae.WanVAE` (the same architecture), filled from 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -77,7 +80,7 @@ class QwenImagePipeline(Pipeline):
     compilable_models = ("transformer",)
     defaults: dict[str, Any] = {
         "num_inference_steps": 50, "guidance_scale": 4.0, "height": 1328, "width": 1328, "negative_prompt": " ",
-        "aspect_ratio": None,
+        "aspect_ratio": None, "shift": None,
     }
 
     def __init__(self, config: dict, *, device="cpu", dtype=torch.float32, weights=None, seed: int = 0,
@@ -130,6 +133,9 @@ class QwenImagePipeline(Pipeline):
         lengths = [self.prompt_encoder.check(args["prompt"], "prompt")]
         if args.get("negative_prompt") is not None:
             lengths.append(self.prompt_encoder.check(args["negative_prompt"], "negative_prompt"))
+        shift = args.get("shift")
+        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift <= 0):
+            raise InputError(f"shift must be a number > 0 (or None for the size-dependent shift), got {shift!r}")
         grid = max(args["height"], args["width"]) // (8 * self.patch)
         # image rows/columns reach ±grid/2, text positions grid/2 + its length (all within the tables)
         if grid // 2 + max(lengths) > ROPE_POSITIONS:
@@ -137,10 +143,14 @@ class QwenImagePipeline(Pipeline):
                              f"rotary positions past {ROPE_POSITIONS}")
 
     # -- stages ---------------------------------------------------------------------------------
-    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+    def sigmas(self, num_inference_steps: int, height: int, width: int, shift: float | None = None) -> torch.Tensor:
         """The σ grid (``num_inference_steps + 1`` values, last 0) for an image of ``height × width``:
-        the dynamic shift of ``scheduler/scheduler_config.json`` at ``(H/16)·(W/16)`` image tokens."""
+        the dynamic shift of ``scheduler/scheduler_config.json`` at ``(H/16)·(W/16)`` image tokens, or
+        with ``shift`` the fixed exponential shift μ = ln(shift) without terminal stretch (the
+        Qwen-Image-Lightning config: ``base_shift = max_shift = ln 3``, ``shift_terminal = None``)."""
         tokens = (height // (8 * self.patch)) * (width // (8 * self.patch))
+        if shift is not None:
+            return dynamic_shift_sigmas(num_inference_steps, tokens, mu=math.log(shift), shift_terminal=None)
         return dynamic_shift_sigmas(num_inference_steps, tokens, base_seq_len=256, max_seq_len=8192,
                                     base_shift=0.5, max_shift=0.9, shift_terminal=0.02)
 
@@ -156,7 +166,7 @@ class QwenImagePipeline(Pipeline):
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator, height,
-                 width, aspect_ratio=None, progress=None) -> Output:
+                 width, aspect_ratio=None, shift=None, progress=None) -> Output:
         do_cfg = guidance_scale > 1.0 and negative_prompt is not None
         context = {"cond": self.encode_prompt(prompt)}
         self.trace("text_embeddings", context["cond"])
@@ -164,7 +174,7 @@ class QwenImagePipeline(Pipeline):
             context["uncond"] = self.encode_prompt(negative_prompt)
         h, w = height // 8, width // 8
         x = pack_latents(self.noise((1, self.vae.z_dim, h, w), seed, generator=generator), self.patch)
-        sigmas = self.sigmas(num_inference_steps, height, width)
+        sigmas = self.sigmas(num_inference_steps, height, width, shift)
         dit = self.transformer
         dtype = dit.img_in.weight.dtype
 

@@ -17,6 +17,7 @@ from core.spec import (
     AttentionSite,
     Capabilities,
     Conformance,
+    LoraKeyMap,
     ModelSpec,
     Preset,
     SequenceGather,
@@ -179,6 +180,9 @@ def model_spec() -> ModelSpec:
         compilable_models=["transformer"],
         repeated_blocks={"transformer": ["QwenImageTransformerBlock"]},
         usp=[USP],
+        # the DiT's module names are diffusers' (QwenImageTransformer2DModel): one naming for
+        # diffusers/PEFT files (transformer. prefix), Qwen-Image-Lightning, kohya and DiffSynth-Studio
+        lora=[LoraKeyMap(component="transformer", prefixes=["transformer."], namings={"diffusers": None})],
         checkpoint_writer=write_checkpoint,
         capabilities=Capabilities(output="image", cfg=True, compile=True, usp=True, negative_prompt=True,
                                   size_multiple=16, max_prompt_tokens=MAX_PROMPT_TOKENS),

@@ -17,6 +17,7 @@ from core.spec import (
     AttentionSite,
     Capabilities,
     Conformance,
+    LoraKeyMap,
     ModelSpec,
     Preset,
     SequenceGather,
@@ -153,6 +154,16 @@ def _conformance(task: str) -> Conformance:
     )
 
 
+def lora_key_maps(dits: list[str]) -> list[LoraKeyMap]:
+    """LoRA files for the DiT(s): official names (kohya/ComfyUI, lightx2v: ``diffusion_model.`` prefix,
+    ``diff``/``diff_b``/``diff_m`` deltas) or diffusers names (``transformer.`` prefix; diffusers' Wan2.2
+    pipeline saves the low-noise expert's as ``transformer_2.``)."""
+    namings = {"official": None, "diffusers": "plugins.wan.diffusers_dit_keys:official_module"}
+    prefixes = {"dit": ["transformer."], "dit_low": ["transformer_2."]}
+    return [LoraKeyMap(component=d, prefixes=prefixes[d], namings=namings, delta_suffixes={"diff_m": "modulation"})
+            for d in dits]
+
+
 def usp_adapter(component: str, per_token_t: bool) -> UspAdapter:
     """Split points of ``plugins/wan/dit.py``: tokens after the patch embedding, the RoPE table with
     them, per-token timestep features (TI2V-5B), gathered at the head before unpatchify."""
@@ -236,6 +247,7 @@ def model_spec(name: str) -> ModelSpec:
         compilable_models=dits,
         repeated_blocks={d: ["WanAttentionBlock"] for d in dits},
         usp=[usp_adapter(d, per_token_t=task == "ti2v") for d in dits],
+        lora=lora_key_maps(dits),
         conformance=_conformance(task),
         checkpoint_writer=write_checkpoint,
         capabilities=Capabilities(

@@ -4,6 +4,7 @@ from core.spec import (
     AttentionSite,
     Capabilities,
     Conformance,
+    LoraKeyMap,
     ModelSpec,
     Preset,
     SequenceGather,
@@ -55,6 +56,8 @@ def ditkit_register_models():
                     sites={"self": AttentionSite(strategy="parallel"), "cross": AttentionSite(strategy="local")},
                 )
             ],
+            # LoRA files may patch the DiT; its module names are the file's names (one naming)
+            lora=[LoraKeyMap(component="dit", prefixes=["transformer."])],
             # sizes are multiples of VAE scale 4 × patch 2 = 8, so token grids can be odd
             capabilities=Capabilities(output="image", size_multiple=8, max_prompt_tokens=64, usp=True),
             conformance=Conformance(

@@ -248,7 +248,8 @@ class Pipeline:
         ``negative_prompt``, ``generator``, ``height``, ``width``, ``num_frames``); ``seed`` is the
         DiffSynth-Studio way to seed, and a ``generator`` (a CPU ``torch.Generator``) takes its place
         when given. Unset arguments take the preset's defaults; ``progress=None`` shows a progress bar
-        only on a terminal. Returns an :class:`core.outputs.Output`."""
+        only on a terminal. ``steps`` (plugin contract 1.0) still works as ``num_inference_steps``, with
+        a DeprecationWarning. Returns an :class:`core.outputs.Output`."""
         args = self.resolve(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, **extra,

@@ -330,17 +330,16 @@ def check_no_recompile(subject: Subject, opts: KitOptions) -> dict:
         fail(f"after the first call every compiled region should hold one graph (one per block class, shared by "
              f"every instance); recompiled during the first call: {several}", details)
     steps = subject.argument("num_inference_steps")  # the pipeline's own names, never one it does not take
-    base = subject.call_args()
-    if steps is not None:
-        base = subject.call_args(num_inference_steps=max(2, base.get(steps) or 2))
-    cfg_values = [1.0, 3.0] if subject.spec.capabilities.cfg else [base.get(subject.argument("guidance_scale"))]
+    more = {} if steps is None else {"num_inference_steps": max(2, subject.call_args().get(steps) or 2)}
+    base = subject.call_args(**more)
+    cfg_values = [1.0, 3.0] if subject.spec.capabilities.cfg else [base.get(subject.argument("guidance_scale"), 1.0)]
     prompts = [PROMPT, "a red fox"]  # two prompt lengths (token counts differ)
     cases = [({}, g, p) for g in cfg_values for p in prompts] + [(s, g, PROMPT) for s in _three_sizes(subject) for g in cfg_values]
     with torch.compiler.set_stance("fail_on_recompile"):
         for sizes, scale, prompt in cases:
             details["cases"].append({"sizes": sizes, "guidance_scale": scale, "prompt_chars": len(prompt)})
             try:
-                pipe(prompt, **{**base, **subject.call_args(**sizes, guidance_scale=scale)})
+                pipe(prompt, **subject.call_args(**more, **sizes, guidance_scale=scale))
             except RuntimeError as exc:
                 if "recompile" not in str(exc):
                     raise

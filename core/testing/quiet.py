@@ -50,14 +50,14 @@ def quiet_libraries() -> Iterator[None]:
 def recording_deprecations(into: list[str]) -> Iterator[None]:
     """Append to ``into`` the message of every :class:`ContractDeprecationWarning` raised in the block
     (each message once), so the kit reports which contract-1.0 names a plugin still uses."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ContractDeprecationWarning)
-        try:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ContractDeprecationWarning)
             yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, ContractDeprecationWarning):
-                    if str(w.message) not in into:
-                        into.append(str(w.message))
-                else:  # everything else goes on as if it had not been caught
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    finally:
+        for w in caught:  # outside the recording block: what is passed on is not caught again
+            if issubclass(w.category, ContractDeprecationWarning):
+                if str(w.message) not in into:
+                    into.append(str(w.message))
+            else:  # everything else goes on as if it had not been caught
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

@@ -112,3 +112,15 @@ def test_spec_valid_blames_the_kits_default_call_not_the_plugin():
     assert message.startswith("the kit's default conformance.call (the plugin declares none) names "
                               "['num_inference_steps']"), message
     assert "conformance.call of" not in message
+
+
+def test_the_kits_recording_passes_every_other_warning_on():
+    from core.testing.quiet import recording_deprecations
+
+    seen: list[str] = []
+    with pytest.warns(UserWarning, match="unrelated") as passed_on:
+        with recording_deprecations(seen):
+            warnings.warn("unrelated", UserWarning)
+            warnings.warn("an old name", ContractDeprecationWarning)
+            warnings.warn("an old name", ContractDeprecationWarning)
+    assert seen == ["an old name"] and [str(w.message) for w in passed_on] == ["unrelated"]

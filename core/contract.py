@@ -116,13 +116,13 @@ def renamed(args: Mapping[str, Any], who: str) -> dict[str, Any]:
     """``args`` with every deprecated name replaced by its new one (values kept). Both names set
     (not ``None``) is an :class:`InputError` naming ``who`` wrote them."""
     out = dict(args)
-    for old, (new, _) in RENAMED_ARGUMENTS.items():
+    for old, (new, version) in RENAMED_ARGUMENTS.items():
         if old not in out:
             continue
         value = out.pop(old)
         if value is not None and out.get(new) is not None:
             raise InputError(f"{who} gives both {old!r} and {new!r}, which are one argument ({old!r} is its "
-                             f"contract-1.0 name); pass only {new!r}")
+                             f"name before plugin contract {version}); pass only {new!r}")
         if value is not None or new not in out:
             out[new] = value
     return out

@@ -20,6 +20,7 @@ from .errors import (
     UnknownModelError,
     WeightsError,
 )
+from .contract import CONTRACT_VERSION
 from .hookspecs import hookimpl
 from .loading import load
 from .outputs import Output, write_output
@@ -27,8 +28,9 @@ from .pipeline import Pipeline
 from .registry import get_registry, list_models
 
 __all__ = [
-    "load", "list_models", "get_registry", "hookimpl", "Pipeline", "Output", "write_output",
+    "CONTRACT_VERSION", "load", "list_models", "get_registry", "hookimpl", "Pipeline", "Output", "write_output",
     "DitkitError", "PluginError", "UnknownModelError", "WeightsError", "InputError", "CompileError", "ParallelError", "RankFailed",
     "OutputError", "GenerationError", "Interrupted",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+"""The ditkit release; :data:`CONTRACT_VERSION` is the plugin contract it implements (docs/contract.md)."""

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .jsonreport import STDOUT, add_json_argument, write_json
 
 __all__ = ["VARIANTS", "BenchResult", "run_bench", "format_bench", "environment"]
 
@@ -275,7 +276,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compare", default="eager,regional", help=f"comma-separated variants of {','.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=5, help="measured DiT steps per variant (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    add_json_argument(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -287,8 +288,8 @@ def main(args) -> int:
         warmup=args.warmup, attention=args.attention, progress=False if args.no_progress else None,
         height=args.height, width=args.width, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
     )
-    print(format_bench(report))
+    if args.json != STDOUT:
+        print(format_bench(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(json.dumps(report, indent=2), args.json)
     return 0

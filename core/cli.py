@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 
 from .errors import DitkitError, InputError, Interrupted, RankFailed
+from .jsonreport import STDOUT, add_json_argument, write_json
 
 
 def _cmd_plugins(args) -> int:
@@ -143,15 +144,15 @@ def _cmd_check(args) -> int:
 
     subject = Subject(args.model, plugin=args.plugin)
     opts = KitOptions(max_examples=args.max_examples, usp_world=args.usp or 2, strict=args.strict)
-    if not args.json:
+    if args.json != STDOUT:
         print(f"checking {subject.spec.name} ({subject.record.distribution}) ...", file=sys.stderr)
 
     # On a terminal the progress line is rewritten in place and cleared before the table, so
     # each result is shown once; piped, progress goes to stderr and the table to stdout.
-    live = not args.json and sys.stderr.isatty() and sys.stdout.isatty()
+    live = args.json != STDOUT and sys.stderr.isatty() and sys.stdout.isatty()
 
     def progress(result) -> None:
-        if args.json:
+        if args.json == STDOUT:
             return
         line = f"  {result.id:<16} {result.status.upper():<6} {result.seconds:6.1f} s"
         if live:
@@ -162,7 +163,10 @@ def _cmd_check(args) -> int:
     results = run_checks(subject, opts, pattern=args.k, on_result=progress)
     if live:
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
-    print(to_json(subject, results) if args.json else format_table(subject, results))
+    if args.json != STDOUT:
+        print(format_table(subject, results))
+    if args.json:
+        write_json(to_json(subject, results), args.json)
     return 1 if failed(results) else 0
 
 
@@ -225,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="run the conformance kit on a registered model")
     c.add_argument("model", help="model name or alias")
     c.add_argument("--usp", type=int, default=2, metavar="N", help="ranks for the USP parity check (default 2)")
-    c.add_argument("--json", action="store_true", help="machine-readable results")
+    add_json_argument(c)
     c.add_argument("-k", default=None, metavar="PATTERN", help="only checks whose id contains PATTERN (or matches a glob)")
     c.add_argument("--max-examples", type=int, default=3, help="Hypothesis size draws per shape check (default 3)")
     c.add_argument("--plugin", default=None, help="register this plugin module first (module or module:attr)")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .compile import CompileReport, compile_components
-from . import guards
+from . import contract, guards
 from .errors import CompileError, GenerationError, InputError
 from .outputs import Output
 from .sampler import euler_step, guide, noise
@@ -85,6 +85,9 @@ class Pipeline:
 
     def _compilable(self) -> list[str]:
         if self.spec is None:
+            legacy = contract.legacy_attribute(self, "compilable_models", "ModelSpec.compilable_models")
+            if legacy is not None:
+                return list(legacy)
             raise CompileError(f"{type(self).__name__} has no ModelSpec attached: build it with core.load(), "
                                f"whose spec declares the compilable components")
         return list(self.spec.compilable_models)
@@ -180,8 +183,10 @@ class Pipeline:
 
     # -- generation ----------------------------------------------------------------------------
     def resolve(self, **kwargs) -> dict[str, Any]:
-        """Fill unset (``None``) arguments from the preset's defaults, then the class defaults."""
-        args = {**self.defaults, **self.preset_defaults}
+        """Fill unset (``None``) arguments from the preset's defaults, then the class defaults.
+        Contract-1.0 names (``steps``) are taken under their new names (:mod:`core.contract`)."""
+        args = contract.Arguments(contract.plugin_defaults(self))
+        kwargs = contract.caller_arguments(self, kwargs, stacklevel=3)
         args.update({k: v for k, v in kwargs.items() if v is not None})
         args.update({k: None for k, v in kwargs.items() if v is None and k not in args})
         return args
@@ -191,7 +196,8 @@ class Pipeline:
 
         Known arguments are ``prompt``, ``negative_prompt``, ``seed`` and every key of the class and
         preset defaults; anything else is refused by name."""
-        known = {*self.base_arguments, *self.defaults, *self.preset_defaults}
+        args = contract.Arguments(contract.caller_arguments(self, args, stacklevel=2))
+        known = contract.known_arguments(self)
         unknown = sorted(set(args) - known)
         if unknown:
             hints = []
@@ -222,7 +228,8 @@ class Pipeline:
         generator = args.get("generator")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        multiple = self.spec.capabilities.size_multiple if self.spec is not None else 1
+        multiple = (self.spec.capabilities.size_multiple if self.spec is not None else
+                    contract.legacy_attribute(self, "size_multiple", "Capabilities.size_multiple") or 1)
         for key in ("height", "width"):
             value = args.get(key)
             if value is None:
@@ -266,7 +273,8 @@ class Pipeline:
         ``negative_prompt``, ``generator``, ``height``, ``width``, ``num_frames``); ``seed`` is the
         DiffSynth-Studio way to seed, and a ``generator`` (a CPU ``torch.Generator``) takes its place
         when given. Unset arguments take the preset's defaults; ``progress=None`` shows a progress bar
-        only on a terminal. Returns an :class:`core.outputs.Output`."""
+        only on a terminal. ``steps`` (plugin contract 1.0) still works as ``num_inference_steps``, with
+        a DeprecationWarning. Returns an :class:`core.outputs.Output`."""
         args = self.resolve(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, **extra,
@@ -274,7 +282,7 @@ class Pipeline:
         args["generator"] = generator
         self.check_inputs(args)
         with torch.inference_mode():
-            output = self.generate(progress=progress, **args)
+            output = self.generate(progress=progress, **contract.generate_arguments(self, args))
         # one place for every plugin: a non-Output or non-finite result never reaches a writer
         guards.check_output_tensors(output, plugin=self._plugin_name(), model=self._model_name())
         self.trace("output", output.tensor())

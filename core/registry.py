@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import pluggy
 from pydantic import ValidationError
 
-from . import hookspecs
+from . import contract, hookspecs
 from .errors import PluginError, UnknownModelError
 from .spec import AttentionKernelSpec, ModelSpec
 
@@ -135,6 +135,10 @@ class Registry:
 
     def _load_entry_point(self, ep: md.EntryPoint, dist: str) -> None:
         version = ep.dist.version if ep.dist is not None else "?"
+        refused = contract.distribution_problem(ep.dist)  # before its import: it may need names this ditkit lacks
+        if refused:
+            self._fail(ep.name, dist, refused)
+            return
         try:
             plugin = ep.load()
         except (Exception, SystemExit) as exc:  # any import-time failure of a third-party plugin, exit() included
@@ -223,6 +227,10 @@ class Registry:
         return records
 
     def _add_model(self, spec: ModelSpec, plugin: str, dist: str) -> None:
+        refused = contract.spec_problem(spec)
+        if refused:
+            self._fail(plugin, dist, f"hook ditkit_register_models: {refused}")
+            return
         for claimed in (spec.name, *spec.aliases):
             owner = self._models.get(claimed) or self._models.get(self._aliases.get(claimed, ""))
             if owner is not None:

@@ -11,6 +11,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .contract import parse_requirement
+
 __all__ = [
     "ModelSpec",
     "Preset",
@@ -312,12 +314,23 @@ class ModelSpec(_Record):
     """``writer(pipe, root)`` writes ``pipe``'s weights (and tokenizer files) in the official layout
     under ``root``. Without it the core writes each :class:`WeightFile` from the component's
     ``state_dict()`` (possible when no ``key_map`` is declared)."""
+    contract: str | None = None
+    """The plugin contract versions this model works with, as a version specifier (``">=1.1,<2"``;
+    see ``docs/contract.md``). The registry refuses the model, naming it, this requirement and the
+    running :data:`core.CONTRACT_VERSION`, when they do not match. Unset: no requirement."""
 
     @field_validator("name")
     @classmethod
     def _name_format(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError(f"model name {v!r} must be lowercase letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("contract")
+    @classmethod
+    def _contract_specifier(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_requirement(v)
         return v
 
     @field_validator("aliases")

@@ -82,8 +82,8 @@ def test_diffusers_call_names_generator_and_close_match_suggestion(pipe):
     first = pipe("a fox", generator=gen, **FAST).images
     second = pipe("a fox", generator=gen, **FAST).images  # the generator advanced: new noise
     assert torch.equal(first, by_seed) and not torch.equal(second, first)
-    with pytest.raises(InputError, match="num_inference_steps"):
-        pipe("a fox", steps=2, progress=False)
+    with pytest.raises(InputError, match="did you mean 'num_inference_steps'"):
+        pipe("a fox", num_inference_step=2, progress=False)
     with pytest.raises(InputError, match="generator"):
         pipe("a fox", generator=5, **FAST)
 

@@ -189,6 +189,9 @@ def launch(
         "LOCAL_WORLD_SIZE": str(nproc),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "DITKIT_USP_TIMEOUT": str(int(max(5, timeout))),
+        # a peer of a failed rank logs its lost connection as a C++ warning with a stack trace; the
+        # launcher names the failed rank itself, so only C++ errors show (DITKIT_DEBUG=1: all)
+        **({} if "TORCH_CPP_LOG_LEVEL" in os.environ or os.environ.get("DITKIT_DEBUG") else {"TORCH_CPP_LOG_LEVEL": "ERROR"}),
         **(env or {}),
     }
     with tempfile.TemporaryDirectory(prefix=f"{_DIR_PREFIX}{os.getpid()}-") as outdir:

@@ -1,7 +1,11 @@
 """Base test class a plugin's own suite subclasses (pytest)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
+
+from ..contract import ContractDeprecationWarning
 
 from .checks import CHECKS, KitOptions
 from .runner import expected_failures, run_one
@@ -51,8 +55,11 @@ class PluginConformance:
     def _run(self, check_id: str, subject: Subject, opts: KitOptions) -> None:
         done = subject.__dict__.setdefault("_results", {})  # earlier checks' results, for dependencies
         check = next(c for c in CHECKS if c.id == check_id)
+        reported = len(subject.deprecations)
         result = run_one(check, subject, opts, expected_failures(subject, self.expected_failures), done)
         done[check_id] = result
+        for message in subject.deprecations[reported:]:  # pytest's warnings summary shows each once
+            warnings.warn(message, ContractDeprecationWarning, stacklevel=2)
         if result.status == "skip":
             pytest.skip(result.message)
         if result.status == "xfail":

@@ -72,19 +72,23 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 def check_spec_valid(subject: Subject, opts: KitOptions) -> dict:
     """What registration cannot see: every generation argument the spec names (preset defaults,
     the kit's calls, sizes, uneven call, bad inputs) must be one the pipeline knows, and a model that
-    runs sequence-parallel must declare a call with uneven lengths."""
+    runs sequence-parallel must declare a call with uneven lengths. A name the plugin did not write
+    (a default of :class:`core.spec.Conformance`) is blamed on the kit's default, not on the plugin."""
     spec = subject.spec
     known = subject.known_arguments()
-    named = {f"presets[{p!r}].defaults": set(pr.defaults) for p, pr in spec.presets.items()}
+    named = {f"presets[{p!r}].defaults of {spec.name!r}": set(pr.defaults) for p, pr in spec.presets.items()}
     c = spec.conformance
-    named.update({"conformance.call": set(c.call), "conformance.sizes": set(c.sizes),
-                  "conformance.uneven_call": set(c.uneven_call or {})})
+    for field in ("call", "sizes", "uneven_call"):
+        where = (f"conformance.{field} of {spec.name!r}" if field in c.model_fields_set
+                 else f"the kit's default conformance.{field} (the plugin declares none)")
+        named[where] = set(getattr(c, field) or {})
     for i, bad in enumerate(c.bad_inputs):
-        named[f"conformance.bad_inputs[{i}]"] = set(bad)
+        named[f"conformance.bad_inputs[{i}] of {spec.name!r}"] = set(bad)
     for where, keys in named.items():
         unknown = sorted(keys - known)
         if unknown:
-            fail(f"{where} of {spec.name!r} names {unknown}, which the pipeline does not take (it takes {sorted(known)})")
+            fix = "; declare it with the pipeline's own arguments" if where.startswith("the kit's") else ""
+            fail(f"{where} names {unknown}, which the pipeline does not take (it takes {sorted(known)}){fix}")
     if spec.capabilities.usp and c.uneven_call is None and "usp-parity" not in c.expected_failures:
         fail(f"{spec.name!r} runs sequence-parallel but declares no conformance.uneven_call (a call whose split "
              f"sequence leaves a remainder on 2 and 4 ranks); usp-parity would not prove uneven lengths")
@@ -329,15 +333,17 @@ def check_no_recompile(subject: Subject, opts: KitOptions) -> dict:
     if several:
         fail(f"after the first call every compiled region should hold one graph (one per block class, shared by "
              f"every instance); recompiled during the first call: {several}", details)
-    base = subject.call_args(num_inference_steps=max(2, subject.spec.conformance.call.get("num_inference_steps", 2)))
-    cfg_values = [1.0, 3.0] if subject.spec.capabilities.cfg else [base.get("guidance_scale", 1.0)]
+    steps = subject.argument("num_inference_steps")  # the pipeline's own names, never one it does not take
+    more = {} if steps is None else {"num_inference_steps": max(2, subject.call_args().get(steps) or 2)}
+    base = subject.call_args(**more)
+    cfg_values = [1.0, 3.0] if subject.spec.capabilities.cfg else [base.get(subject.argument("guidance_scale"), 1.0)]
     prompts = [PROMPT, "a red fox"]  # two prompt lengths (token counts differ)
     cases = [({}, g, p) for g in cfg_values for p in prompts] + [(s, g, PROMPT) for s in _three_sizes(subject) for g in cfg_values]
     with torch.compiler.set_stance("fail_on_recompile"):
         for sizes, scale, prompt in cases:
             details["cases"].append({"sizes": sizes, "guidance_scale": scale, "prompt_chars": len(prompt)})
             try:
-                pipe(prompt, **{**base, **sizes, "guidance_scale": scale})
+                pipe(prompt, **subject.call_args(**more, **sizes, guidance_scale=scale))
             except RuntimeError as exc:
                 if "recompile" not in str(exc):
                     raise
@@ -432,10 +438,12 @@ def check_bad_input(subject: Subject, opts: KitOptions) -> None:
     spec = subject.spec
     pipe = subject.pipe()
     multiple = spec.capabilities.size_multiple
-    cases = [("an empty prompt", "", {}), ("a negative step count", PROMPT, {"num_inference_steps": -1}),
-             ("a zero step count", PROMPT, {"num_inference_steps": 0}),
-             (f"a height that is not a multiple of {multiple}", PROMPT, {"height": multiple * 2 + multiple // 2}),
-             (f"a width that is not a multiple of {multiple}", PROMPT, {"width": multiple * 2 + multiple // 2})]
+    cases = [("an empty prompt", "", {})]
+    if subject.argument("num_inference_steps"):  # each case in the pipeline's own argument names (call_args)
+        cases += [("a negative step count", PROMPT, {"num_inference_steps": -1}),
+                  ("a zero step count", PROMPT, {"num_inference_steps": 0})]
+    cases += [(f"a {key} that is not a multiple of {multiple}", PROMPT, {key: multiple * 2 + multiple // 2})
+              for key in ("height", "width") if subject.argument(key)]
     if not spec.capabilities.image_input:
         cases.append(("an image for a model without image input", PROMPT, {"image": torch.zeros(3, multiple, multiple)}))
     if spec.capabilities.max_prompt_tokens:

@@ -9,6 +9,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 from .checks import CHECK_IDS, CHECKS, CheckFailed, CheckSkipped, KitOptions
+from .quiet import quiet_libraries, recording_deprecations
 from .subject import Subject
 
 
@@ -49,7 +50,8 @@ def run_one(check, subject: Subject, opts: KitOptions, xfail: dict[str, str], do
     start = time.perf_counter()
     details: dict = {}
     try:
-        details = check.run(subject, opts) or {}
+        with quiet_libraries(), recording_deprecations(subject.deprecations):
+            details = check.run(subject, opts) or {}
     except CheckSkipped as exc:
         status, message = "skip", str(exc)
     except CheckFailed as exc:
@@ -119,12 +121,16 @@ def format_table(subject: Subject, results: list[CheckResult]) -> str:
     lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "skip", "xfail", "xpass")}
     lines.append("  " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    lines += [f"  deprecated: {message}" for message in subject.deprecations]
     return "\n".join(lines)
 
 
 def to_json(subject: Subject, results: list[CheckResult]) -> str:
+    from .. import CONTRACT_VERSION, __version__
+
     return json.dumps({"model": subject.spec.name, "distribution": subject.record.distribution,
-                       "results": [asdict(r) for r in results]}, indent=2)
+                       "ditkit": __version__, "contract": CONTRACT_VERSION,
+                       "results": [asdict(r) for r in results], "deprecations": subject.deprecations}, indent=2)
 
 
 def failed(results: list[CheckResult]) -> bool:

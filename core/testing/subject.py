@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..contract import RENAMED_ARGUMENTS
 from ..registry import ModelRecord, Registry, get_registry
 from ..spec import ModelSpec
 
@@ -22,6 +23,8 @@ class Subject:
     name: str
     plugin: str | None = None
     record: ModelRecord = field(init=False)
+    deprecations: list[str] = field(default_factory=list, init=False)
+    """Each contract deprecation the plugin's use raised during the checks, once (reported with the results)."""
     _pipes: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,7 +44,7 @@ class Subject:
 
         options.setdefault("device", "cpu")
         options.setdefault("dtype", torch.float32)
-        return load_spec(self.spec, "tiny", **options)
+        return load_spec(self.spec, "tiny", _plugin=self.record.plugin, **options)
 
     def pipe(self, key: str = "eager"):
         """A cached tiny pipeline (one per key, so compiled and eager copies stay apart)."""
@@ -49,17 +52,40 @@ class Subject:
             self._pipes[key] = self.build()
         return self._pipes[key]
 
-    def known_arguments(self) -> set[str]:
-        """Generation arguments the pipeline takes: the base call's, the class defaults' and every
-        preset's defaults' keys (what ``Pipeline.check_inputs`` accepts)."""
+    def declared_arguments(self) -> set[str]:
+        """Generation arguments as the pipeline declares them: the base call's, the class defaults'
+        and every preset's defaults' keys, in the plugin's own names."""
         from ..pipeline import Pipeline
 
         cls = self.spec.pipeline if isinstance(self.spec.pipeline, type) else type(self.pipe())
         presets = {k for p in self.spec.presets.values() for k in p.defaults}
-        return {*Pipeline.base_arguments, *getattr(cls, "defaults", {}), *presets}
+        return {*getattr(cls, "base_arguments", Pipeline.base_arguments), *getattr(cls, "defaults", {}), *presets}
+
+    def known_arguments(self) -> set[str]:
+        """Every name ``Pipeline.check_inputs`` accepts: the declared arguments and, for each renamed
+        one, its other name (``steps`` / ``num_inference_steps``)."""
+        declared = self.declared_arguments()
+        aliases = {other for old, (new, _) in RENAMED_ARGUMENTS.items() if {old, new} & declared for other in (old, new)}
+        return declared | aliases
+
+    def argument(self, name: str) -> str | None:
+        """The name under which the pipeline takes the generation argument the kit calls ``name``
+        (a current name such as ``num_inference_steps``): ``name``, the contract-1.0 name the
+        pipeline still declares, or ``None`` when the pipeline does not take it. The kit's calls go
+        through this, so they use the plugin's own names and never insert one it does not declare."""
+        declared = self.declared_arguments()
+        if name in declared:
+            return name
+        return next((old for old, (new, _) in RENAMED_ARGUMENTS.items() if new == name and old in declared), None)
 
     def call_args(self, **overrides) -> dict:
-        return {"seed": 0, "progress": False, **self.spec.conformance.call, **overrides}
+        """The conformance call with ``overrides`` on top, every key under the pipeline's own name
+        (a key the pipeline does not take stays as written: the pipeline must refuse it)."""
+        call = {"seed": 0, "progress": False}
+        for key, value in [*self.spec.conformance.call.items(), *overrides.items()]:
+            current = RENAMED_ARGUMENTS.get(key, (key,))[0]
+            call[self.argument(current) or key] = value
+        return call
 
 
 def import_plugin(ref: str):

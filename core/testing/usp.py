@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from .checks import METRIC, PROMPT, CheckFailed, KitOptions, rel_error
+from .quiet import quiet_libraries
 from .subject import Subject
 
 
@@ -44,9 +45,14 @@ def drawn_calls(subject: Subject, opts: KitOptions) -> list[dict]:
 
 
 def _rank_worker(name: str, plugin: str | None, calls: list[dict], cases: list[tuple[int, int, bool]]) -> list[dict]:
+    subject = Subject(name, plugin=plugin)  # imports the plugin, and so the libraries it uses
+    with quiet_libraries():  # this rank's process: the same third-party switches as the kit's own
+        return _rank_rows(subject, calls, cases)
+
+
+def _rank_rows(subject: Subject, calls: list[dict], cases: list[tuple[int, int, bool]]) -> list[dict]:
     import torch.distributed as dist
 
-    subject = Subject(name, plugin=plugin)
     reference = subject.build()
     rows = []
     for u, r, cfg in cases:
@@ -54,7 +60,7 @@ def _rank_worker(name: str, plugin: str | None, calls: list[dict], cases: list[t
         for call in calls:
             args = subject.call_args(**call)
             if cfg:
-                args.setdefault("guidance_scale", 3.0)
+                args.setdefault(subject.argument("guidance_scale") or "guidance_scale", 3.0)
             ref = reference(PROMPT, **args).tensor()
             pipe.parallel.clear_splits()
             start = time.perf_counter()

@@ -430,17 +430,26 @@ def cp_plan_text_entries(model: nn.Module) -> list[str]:
 # What the plans of diffusers 0.42 lack
 
 
+_PER_TOKEN_TIMESTEP = SequenceSplit(module="", at="input", arg="timestep", dim=1, expected_dims=2)
+"""A ``(batch, tokens)`` timestep split with its tokens; a ``(batch,)`` one stays whole (Wan's own plan does this)."""
+
+
 def _register_shipped() -> None:
-    from diffusers.models.transformers import transformer_helios, transformer_ltx2, transformer_qwenimage
+    from diffusers.models.transformers import transformer_helios, transformer_ltx, transformer_ltx2, transformer_qwenimage
 
     register_cp_translation(
         transformer_qwenimage.QwenImageTransformer2DModel, whole={("pos_embed", 1)},
         reason="pos_embed returns the (image, text) rotary tables; the text is kept whole, so is its table")
     register_cp_translation(
+        transformer_ltx.LTXVideoTransformer3DModel, splits=[_PER_TOKEN_TIMESTEP],
+        reason="the image-to-video pipelines pass a per-token timestep (batch, tokens), which the plan leaves whole")
+    register_cp_translation(
         transformer_ltx2.LTX2VideoTransformer3DModel,
-        splits=[SequenceSplit(module="cross_attn_rope", at="output", arg=i, dim=1, expected_dims=3) for i in (0, 1)],
+        splits=[_PER_TOKEN_TIMESTEP,
+                *(SequenceSplit(module="cross_attn_rope", at="output", arg=i, dim=1, expected_dims=3) for i in (0, 1))],
         reason="the plan splits the video rotary table (rope) but not the one of the audio-video attention "
-               "(cross_attn_rope), which rotates the split video queries and keys")
+               "(cross_attn_rope), which rotates the split video queries and keys; and the image-to-video "
+               "pipelines pass a per-token video timestep (batch, tokens), which the plan leaves whole")
     register_cp_translation(
         transformer_helios.HeliosTransformer3DModel,
         refuse=lambda model: (

@@ -156,11 +156,18 @@ def _text_mask(text: int, pad: int) -> torch.Tensor:
     return mask
 
 
+def _per_token_timestep(tokens: int) -> torch.Tensor:
+    """(1, tokens): the first tokens clean (a conditioning frame), as LTX's image-to-video pipelines pass."""
+    t = torch.full((1, tokens), 700.0)
+    t[:, : tokens // 3] = 0.0
+    return t
+
+
 def ltx_inputs(size: int = 0, text: int = 7, seed: int = 1) -> dict:
     f, h, w = GRIDS[size]
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_randn(g, 1, f * h * w, 8), encoder_hidden_states=_randn(g, 1, text, 16),
-                timestep=torch.tensor([700.0]), encoder_attention_mask=_text_mask(text, 2),
+                timestep=_per_token_timestep(f * h * w), encoder_attention_mask=_text_mask(text, 2),
                 num_frames=f, height=h, width=w, return_dict=False)
 
 
@@ -175,12 +182,14 @@ def ltx2(seed: int = 0):
 
 
 def ltx2_inputs(size: int = 0, text: int = 7, audio: int = 9, seed: int = 1) -> dict:
-    """Video and audio: the plan splits the video tokens, the audio stays whole on every rank."""
+    """Video and audio: the plan splits the video tokens (and their per-token timestep), the audio
+    stays whole on every rank."""
     f, h, w = GRIDS[size]
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_randn(g, 1, f * h * w, 4), audio_hidden_states=_randn(g, 1, audio, 4),
                 encoder_hidden_states=_randn(g, 1, text, 16), audio_encoder_hidden_states=_randn(g, 1, text, 16),
-                timestep=torch.tensor([700.0]), encoder_attention_mask=_text_mask(text, 2),
+                timestep=_per_token_timestep(f * h * w), audio_timestep=torch.tensor([700.0]),
+                encoder_attention_mask=_text_mask(text, 2),
                 audio_encoder_attention_mask=_text_mask(text, 1),
                 num_frames=f, height=h, width=w, audio_num_frames=audio, fps=25.0, return_dict=False)
 

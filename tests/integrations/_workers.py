@@ -48,9 +48,10 @@ def usp_errors(cases: list[str], degrees: list[tuple[int, int]]) -> dict:
     return results
 
 
-def compile_vs_eager(name: str) -> dict:
-    """Regional compile of the routed model (its diffusers ``_repeated_blocks``): the error against
-    eager at three sizes, graphs per block class, and whether a later size recompiled."""
+def compile_vs_eager(name: str, backend: str = "inductor") -> dict:
+    """Regional compile of the routed model (its diffusers ``_repeated_blocks``) with ``backend``:
+    the error against eager at three sizes, graphs per block class, and whether a later size
+    recompiled."""
     from core.compile import compile_components
     from core.integrations.diffusers import route_attention
 
@@ -59,7 +60,7 @@ def compile_vs_eager(name: str) -> dict:
     for m in (eager, compiled):
         route_attention(m)
     report = compile_components({"transformer": compiled}, repeated_blocks={}, methods={},
-                                options={"dynamic": True, "fullgraph": False})
+                                options={"dynamic": True, "fullgraph": False, "backend": backend})
     out = {"parts": sorted(p.target for p in report.parts), "errors": [], "recompiled": "no"}
 
     def err(size):
@@ -99,11 +100,12 @@ def infer_cases() -> dict:
     return out
 
 
-def bridge_job(cases: list[str], degrees: list[tuple[int, int]], compile_cases: list[str]) -> dict:
-    """The USP cases on all ranks, then rank ``i`` compiles ``compile_cases[i::world]``; rank 0
-    returns everything."""
+def bridge_job(cases: list[str], degrees: list[tuple[int, int]], compile_cases: list[tuple[str, str]]) -> dict:
+    """The USP cases on all ranks, then rank ``i`` compiles ``compile_cases[i::world]`` (``(case,
+    backend)`` pairs); rank 0 returns everything."""
     results = {"usp": usp_errors(cases, degrees), "infer": infer_cases(), "world": dist.get_world_size()}
-    mine = {name: compile_vs_eager(name) for name in compile_cases[dist.get_rank()::dist.get_world_size()]}
+    mine = {name: {**compile_vs_eager(name, backend), "backend": backend}
+            for name, backend in compile_cases[dist.get_rank()::dist.get_world_size()]}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     results["compile"] = {k: v for part in gathered for k, v in part.items()}

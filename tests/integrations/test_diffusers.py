@@ -104,6 +104,7 @@ def test_diffusers_class_routed_compiled_and_parallel(name, bridge_job, core_cal
     assert max(errors) <= TOL, f"{name}: routed vs diffusers {errors}"
 
     compiled = bridge_job["compile"][name]
+    assert "error" not in compiled, f"{name}: compile raised {compiled.get('error')}"
     assert compiled["backend"] == ("inductor" if name in INDUCTOR else "aot_eager")
     assert compiled["parts"] == sorted(case.blocks), compiled["parts"]
     assert compiled["graphs"] == {f"transformer:{b}": 1 for b in case.blocks}, compiled["graphs"]
@@ -116,6 +117,8 @@ def test_diffusers_class_routed_compiled_and_parallel(name, bridge_job, core_cal
 def _check_usp(name: str, job: dict) -> None:
     assert job["world"] == 2
     usp = job["usp"][name]
+    for degree in ("u2r1", "u1r2"):
+        assert isinstance(usp[degree], float), f"{name} {degree}: USP raised {usp[degree]}"
     assert usp["splits"] and all(rem for _, rem in usp["splits"]), \
         f"{name}: split lengths {usp['splits']} include one that divides evenly by 2; the case proves less"
     for degree in ("u2r1", "u1r2"):

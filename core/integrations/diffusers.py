@@ -75,6 +75,8 @@ __all__ = [
     "register_cp_translation",
     "CpTranslation",
     "cp_plan_text_entries",
+    "TEXT_INPUTS",
+    "TRANSLATIONS",
     "JointAttnProcessor",
     "BACKEND",
     "DISPATCH_SITE",

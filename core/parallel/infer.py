@@ -1,8 +1,8 @@
 """Which part of an attention input is this rank's shard: worked out by comparing the ranks.
 
-A model that does not name its attention call sites (diffusers' processors call one attention
-function for self-, cross- and joint attention alike) still hands the router tensors of a known
-kind. Under USP every token sequence is either *split* (each rank holds its own padded shard of
+A model that does not name its attention call sites (one attention function for self-, cross-
+and joint attention alike, as in diffusers' processors) still hands the router tensors of a
+known kind. Under USP every token sequence is either *split* (each rank holds its own padded shard of
 ``shard`` tokens: different tokens on every rank) or *whole* (every rank holds all of it, the same
 bytes: the text, an audio stream a plan does not split, and every stream before the first split
 or after the last gather). The router's ``infer`` strategy asks, for the queries and the keys of
@@ -11,7 +11,7 @@ each call, which of the supported layouts holds:
 - ``whole``: the tensor is the same on every rank;
 - ``split`` with ``prefix`` ``P``: its last ``shard`` tokens differ between ranks (this rank's
   shard) and its first ``P`` tokens are the same on every rank (``P = 0``: the split sequence
-  alone; ``P > 0``: a whole stream joined in front of it, Flux's ``[text, image]``).
+  alone; ``P > 0``: a whole stream joined in front of it, a joint ``[text, image]`` attention).
 
 Anything else (a split part in the middle or at the front, or tokens that are neither) is a
 :class:`core.errors.ParallelError`, never a guess. The comparison is one all-gather of a few

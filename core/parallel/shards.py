@@ -83,8 +83,8 @@ class SequenceState:
     that pass must see the same total length (rotary tables, per-token modulation), which is
     what keeps them on the same token ranges. Once the sequence has been gathered, a later split
     with another length starts a new layout (a model that splits inside each sub-module and
-    gathers right after, on streams of different lengths: Helios's self-attention over history
-    and current tokens, its cross-attention over the current ones only).
+    gathers right after, on streams of different lengths: a self-attention over history and
+    current tokens, then a cross-attention over the current ones only).
     """
 
     def __init__(self, world: int, rank: int):

@@ -101,6 +101,21 @@ def infer_cases() -> dict:
             out[name] = (layout.split, layout.prefix)
         except ParallelError:
             out[name] = "ParallelError"
+    # a mask cannot follow split keys: the router refuses it rather than dropping it
+    from core.parallel import SequenceState, UspRouter, make_engine
+    from core.spec import AttentionSite, SequenceGather, SequenceSplit, UspAdapter
+
+    mesh = init_mesh(heads=_tiny.HEADS, ulysses_degree=2, ring_degree=1)
+    state = SequenceState(2, rank)
+    state.record("tokens", 2 * shard - 1, "test")
+    adapter = UspAdapter(component="t", heads=2, splits=[SequenceSplit(module="")], gathers=[SequenceGather(module="")],
+                         sites={"dispatch": AttentionSite(strategy="infer")})
+    router = UspRouter(adapter, mesh, state, make_engine(mesh))
+    try:
+        router(mine, mine, mine, site="dispatch", mask=torch.ones(1, 1, 1, shard, dtype=torch.bool), scale=None)
+        out["masked split keys"] = "ran"
+    except ParallelError:
+        out["masked split keys"] = "ParallelError"
     return out
 
 

@@ -144,9 +144,11 @@ def test_a_registered_plan_runs_a_class_without_one(bridge_job, monkeypatch):
 @pytest.mark.slow
 def test_router_infers_layouts_and_refuses_the_rest(bridge_job):
     """core.parallel.infer on hand-made tensors (2 ranks): whole, [whole prefix, shard] and a shard
-    with nothing in front are told apart; a shard in front of whole tokens is refused."""
+    with nothing in front are told apart; a shard in front of whole tokens is refused, and so is a
+    mask on split keys."""
     assert bridge_job["infer"] == {"whole": (False, 0), "shard": (True, 0), "joint": (True, 3),
-                                   "short whole": (False, 0), "shard first": "ParallelError"}
+                                   "short whole": (False, 0), "shard first": "ParallelError",
+                                   "masked split keys": "ParallelError"}
 
 
 def test_set_attention_backend_names_ditkit(core_calls):
@@ -297,3 +299,25 @@ def test_the_first_bridges_names_still_work(core_calls):
     for name in ("WanAttnProcessor", "QwenDoubleStreamAttnProcessor"):
         with pytest.warns(DeprecationWarning, match=name):
             assert hasattr(getattr(di, name)(), "_attention_backend")
+
+
+def test_backend_takes_diffusers_arguments_as_the_native_one_does():
+    """The backend function against diffusers' native one: a (batch, keys) mask, grouped-query
+    heads; and what it does not run (dropout, causal) raises instead of being dropped."""
+    from diffusers.models.attention_dispatch import _native_attention
+
+    from core.integrations.diffusers import _ditkit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 5, 4, 8, generator=g), torch.randn(2, 7, 2, 8, generator=g), torch.randn(2, 7, 2, 8, generator=g)
+    mask = torch.rand(2, 7, generator=g) > 0.3
+    mask[:, 0] = True
+    got = _ditkit_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    want = _native_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert _workers.rel_err(got, want) <= 1e-6
+    with pytest.raises(ValueError, match="enable_gqa"):
+        _ditkit_attention(q, k, v)
+    with pytest.raises(ValueError, match="dropout"):
+        _ditkit_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="causal"):
+        _ditkit_attention(q, q, q, is_causal=True)

@@ -139,12 +139,18 @@ class AttentionSite(_Record):
     - ``joint``: ``[text, image]`` concatenated; the image part is the split ``sequence``; the
       text part is replicated on every rank (``joint_text="replicate"``); the call passes
       ``text_len=`` (text first).
+    - ``infer``: for models that do not name their call sites (diffusers' processors). The router
+      works out per call which of queries and keys/values end in this rank's shard of
+      ``sequence``: the ranks compare a fingerprint of them, and the split part is what differs
+      between ranks (whole context is the same bytes on every rank). It then runs the call as
+      ``parallel``, ``joint`` (the whole part first), ``local`` or ``gather_kv`` (see
+      :mod:`core.parallel.router`). Costs one small all-gather per call.
 
     Site names are per component; towers that share block code but split different sequences
     pass distinct names (``site="audio.self"``).
     """
 
-    strategy: Literal["parallel", "local", "gather_kv", "joint"]
+    strategy: Literal["parallel", "local", "gather_kv", "joint", "infer"]
     sequence: str = "tokens"
     kv_sequence: str | None = None
     joint_text: Literal["replicate"] = "replicate"

@@ -8,7 +8,8 @@ divide by the degree give the single-process result: padding is masked inside th
 (:mod:`core.parallel.keymask`).  :func:`launch` runs N CPU ranks like torchrun.
 
 Files: ``mesh`` (groups), ``shards`` (padded shards), ``keymask`` (exact masking), ``engine``
-(xDiT/yunchang adaptation), ``router`` (per-site strategies), ``hooks`` (split/gather points),
+(xDiT/yunchang adaptation), ``router`` (per-site strategies), ``infer`` (which part of an
+attention input is this rank's shard, for sites that do not say), ``hooks`` (split/gather points),
 ``runtime`` (enable/remove per component), ``attach`` (a whole pipeline: ``pipe.parallel``), ``consistency`` (same noise on every rank), ``cfg`` (CFG parallel),
 ``launch`` (local multi-process runs).
 """

@@ -142,6 +142,7 @@ def install_sequence_hooks(
                     f"{where}: expected this rank's shard of {layout.shard} tokens along dim {rule.dim}, "
                     f"got shape {tuple(t.shape)}"
                 )
+            state.gathered(rule.sequence)
             return gather_tensor(t, rule.dim, layout, group)
 
         if rule.at == "input":

@@ -10,6 +10,13 @@ It implements :class:`core.attention.AttentionRouter`.  Per site (``AttentionSit
   text is cut into shards too, so the engine sees every text token once as a key and as a query;
   each rank's text output shard is then all-gathered, so the text stream leaving the attention
   is the same bytes on every rank.
+- ``infer``: for calls that do not say which site they are. Before the sequence is split (or when
+  it never is) the call is local. Otherwise the ranks compare the queries and the keys
+  (:mod:`core.parallel.infer`): both end in this rank's shard, after the same number ``P`` of
+  whole tokens -> ``parallel`` (``P = 0``) or ``joint`` with ``text_len=P``; only the queries
+  -> ``local`` (the keys are whole on every rank); only the keys -> their shard is all-gathered
+  (padding cut, the whole prefix kept) before a local attention, as ``gather_kv``; neither ->
+  ``local``. Values follow the keys.
 
 A site the adapter does not declare is an error under USP: running it locally on split
 sequences would be silently wrong.
@@ -23,6 +30,7 @@ from core.errors import ParallelError
 from core.spec import UspAdapter
 
 from .engine import UspEngine
+from .infer import infer_layouts
 from .keymask import mask_padded_keys
 from .mesh import Mesh
 from .shards import SequenceState, ShardLayout, gather_tensor, shard_tensor
@@ -48,6 +56,8 @@ class UspRouter:
             )
         if spec.strategy == "local":
             return None
+        if spec.strategy == "infer":
+            return self._infer(q, k, v, spec, mask, scale, where)
         if mask is not None:
             raise ParallelError(f"{where} ({spec.strategy}) was given a mask; masks cannot follow split sequences")
         if scale is None:
@@ -112,3 +122,38 @@ class UspRouter:
         out = self._engine(cut(q), cut(k), cut(v), valid, text.padded or image.padded, scale)
         text_out = gather_tensor(out[:, : text.shard], 1, text, self.mesh.sp_group)
         return torch.cat([text_out, out[:, text.shard :]], dim=1)
+
+    def _infer(self, q, k, v, spec, mask, scale, where):
+        if spec.sequence not in self.state:
+            return None  # nothing is split yet in this pass (or a 1-token sequence): every rank holds it whole
+        layout = self.state.layout(spec.sequence, where)
+        found = infer_layouts({"q": q, "k": k}, layout.shard, self.mesh.sp_group, where)
+        lq, lk = found["q"], found["k"]
+        if not lk.split:
+            return None  # whole keys and values: exact on this rank, whatever the queries hold
+        if mask is not None:
+            raise ParallelError(f"{where} (inferred: keys split) was given a mask; masks cannot follow split sequences")
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        if not lq.split:
+            return self._gather_tail(q, k, v, lk.prefix, layout, scale)
+        if lq.prefix != lk.prefix or q.shape[1] != k.shape[1]:
+            raise ParallelError(
+                f"{where}: queries are [{lq.prefix} whole, shard] and keys [{lk.prefix} whole, shard] tokens; "
+                f"an inferred parallel call needs the same layout for both"
+            )
+        if q.shape[2] % self.mesh.ulysses_degree:
+            raise ParallelError(
+                f"{where}: {q.shape[2]} heads do not divide by Ulysses degree {self.mesh.ulysses_degree}"
+            )
+        if lq.prefix == 0:
+            return self._engine(q, k, v, layout.valid_mask(q.device), layout.padded, scale)
+        return self._joint(q, k, v, layout, {"text_len": lq.prefix}, scale, where)
+
+    def _gather_tail(self, q, k, v, prefix, layout, scale):
+        group = self.mesh.sp_group
+
+        def whole(t):
+            return torch.cat([t[:, :prefix], gather_tensor(t[:, prefix:], 1, layout, group)], dim=1)
+
+        return local_attention(q, whole(k), whole(v), scale=scale)

@@ -81,29 +81,39 @@ class SequenceState:
 
     The first split of a sequence fixes its layout; every later split of the same sequence in
     that pass must see the same total length (rotary tables, per-token modulation), which is
-    what keeps them on the same token ranges.
+    what keeps them on the same token ranges. Once the sequence has been gathered, a later split
+    with another length starts a new layout (a model that splits inside each sub-module and
+    gathers right after, on streams of different lengths: a self-attention over history and
+    current tokens, then a cross-attention over the current ones only).
     """
 
     def __init__(self, world: int, rank: int):
         self.world, self.rank = world, rank
         self._layouts: dict[str, ShardLayout] = {}
+        self._gathered: set[str] = set()
         self.seen: dict[str, set[int]] = {}
         """Every total length each sequence was split at, across passes (what ran, for reports)."""
 
     def reset(self) -> None:
         self._layouts.clear()
+        self._gathered.clear()
 
     def record(self, sequence: str, total: int, where: str) -> ShardLayout:
         layout = self._layouts.get(sequence)
-        if layout is None:
+        if layout is None or (layout.total != total and sequence in self._gathered):
             layout = self._layouts[sequence] = ShardLayout(total, self.world, self.rank)
             self.seen.setdefault(sequence, set()).add(total)
         elif layout.total != total:
             raise ParallelError(
                 f"{where}: sequence {sequence!r} has {total} tokens here but {layout.total} where it was "
-                f"first split; every split of one sequence must cover the same tokens"
+                f"first split; every split of one sequence must cover the same tokens until it is gathered"
             )
+        self._gathered.discard(sequence)
         return layout
+
+    def gathered(self, sequence: str) -> None:
+        """Note that ``sequence`` was gathered whole: its next split may have another length."""
+        self._gathered.add(sequence)
 
     def layout(self, sequence: str, where: str) -> ShardLayout:
         try:

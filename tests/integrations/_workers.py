@@ -1,7 +1,9 @@
-"""Rank functions of the diffusers USP tests (module level, so spawned ranks import them).
+"""Rank functions of the diffusers bridge tests (module level, so spawned ranks import them).
 
-Each case builds the same seeded tiny model on every rank, runs it once on one process as the
-reference and once with USP from ``usp_from_cp_plan``, and returns the relative error.
+:func:`bridge_job` is the one 2-rank job of the suite: every case of :data:`_tiny.CASES` runs once
+on one process as the reference and once with USP from ``usp_from_cp_plan`` (Ulysses, then ring);
+then each rank compiles half of the classes (local work, no collectives) so the compile checks
+share the job's process start-up and run side by side.
 """
 from __future__ import annotations
 
@@ -12,81 +14,122 @@ from core.parallel import enable_usp, init_mesh
 
 from . import _tiny
 
-# (name, build, inputs): image tokens 15 = 3·5 leave a remainder on 2 and 4 ranks; text 7 and 6 too
-CASES = {
-    "flux": (_tiny.flux, lambda: _tiny.flux_inputs(3, 5, text=7)),
-    "wan": (_tiny.wan, lambda: _tiny.wan_inputs(1, 3, 5)),
-    "wan-per-token-t": (_tiny.wan, lambda: _tiny.wan_inputs(1, 3, 5, per_token_t=True)),
-    "qwen": (_tiny.qwen, lambda: _tiny.qwen_inputs(3, 5, text=6)),
-}
-
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-def run(cases: list[str], degrees: list[tuple[int, int]]) -> dict:
-    """``{"<case> u<U>r<R>": relative error}``, and ``{"<case> image tokens": (total, total % world)}``
-    as the USP run split them (so a test can check that a remainder was exercised)."""
+def _outputs(out) -> list[torch.Tensor]:
+    return [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+
+
+def usp_errors(cases: list[str], degrees: list[tuple[int, int]]) -> dict:
+    """``{case: {"u<U>r<R>": worst relative error over the outputs, "splits": [(total, total % world)]}}``:
+    the splits are every length the sequence was split at (several for Helios, which splits inside
+    each sub-module), so a test can check that each one left a remainder."""
     from core.integrations.diffusers import route_attention, usp_from_cp_plan
 
-    results = {}
+    _tiny.register_sd3_plan()
+    results: dict = {name: {"splits": []} for name in cases}
     for u, r in degrees:
         mesh = init_mesh(heads=_tiny.HEADS, ulysses_degree=u, ring_degree=r)
         for name in cases:
-            build, inputs = CASES[name]
-            model = build()
+            case = {**_tiny.CASES, **_tiny.REGISTERED}[name]
+            model = case.build()
             route_attention(model)
-            x = inputs()
-            with torch.no_grad():
-                want = model(**x)[0]
-                with enable_usp(model, usp_from_cp_plan(model), mesh) as handle:
-                    got = model(**x)[0]
-                    layout = handle.state.layout("tokens", name)
-            results[f"{name} u{u}r{r}"] = rel_err(got, want)
-            results[f"{name} image tokens"] = (layout.total, layout.total % layout.world)
-    results["world"] = dist.get_world_size()
+            x = case.inputs(0)
+            try:  # a case that raises (on every rank alike) fails its own test, not the job
+                with torch.no_grad():
+                    want = _outputs(model(**x))
+                    with enable_usp(model, usp_from_cp_plan(model), mesh) as handle:
+                        got = _outputs(model(**x))
+                        totals = sorted(handle.state.seen.get("tokens", ()))
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                results[name][f"u{u}r{r}"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+                continue
+            results[name][f"u{u}r{r}"] = max(rel_err(g, w) for g, w in zip(got, want))
+            results[name]["splits"] = [(t, t % mesh.sp_degree) for t in totals]
     return results
 
 
-COMPILE = {"wan": (_tiny.wan, lambda h, w: _tiny.wan_inputs(1, h, w)),
-           "qwen": (_tiny.qwen, lambda h, w: _tiny.qwen_inputs(h, w))}
-
-
-def compile_vs_eager(name: str) -> dict:
-    """Regional compile of the routed model (its diffusers ``_repeated_blocks``): the error against
-    eager at three image sizes, graphs per block class, and whether a later size recompiled."""
+def compile_vs_eager(name: str, backend: str = "inductor") -> dict:
+    """Regional compile of the routed model (its diffusers ``_repeated_blocks``) with ``backend``:
+    the error against eager at three sizes, graphs per block class, and whether a later size
+    recompiled."""
     from core.compile import compile_components
     from core.integrations.diffusers import route_attention
 
-    build, inputs = COMPILE[name]
-    eager, compiled = build(), build()
+    case = _tiny.CASES[name]
+    eager, compiled = case.build(), case.build()
     for m in (eager, compiled):
         route_attention(m)
     report = compile_components({"transformer": compiled}, repeated_blocks={}, methods={},
-                                options={"dynamic": True, "fullgraph": False})
-    out = {"parts": [(p.how, p.target, p.instances) for p in report.parts], "errors": [], "recompiled": "no"}
+                                options={"dynamic": True, "fullgraph": False, "backend": backend})
+    out = {"parts": sorted(p.target for p in report.parts), "errors": [], "recompiled": "no"}
+
+    def err(size):
+        x = case.inputs(size)
+        return max(rel_err(c, e) for c, e in zip(_outputs(compiled(**x)), _outputs(eager(**x))))
+
     with torch.no_grad():
-        x = inputs(3, 5)
-        out["errors"].append(rel_err(compiled(**x)[0], eager(**x)[0]))
+        out["errors"].append(err(0))
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                for h, w in [(2, 3), (4, 4)]:
-                    x = inputs(h, w)
-                    out["errors"].append(rel_err(compiled(**x)[0], eager(**x)[0]))
+                out["errors"] += [err(1), err(2)]
         except RuntimeError as exc:
             out["recompiled"] = str(exc)[-300:]
     out["graphs"] = report.graphs()  # counted from the first call: 1 per block class
     return out
 
 
-def two_ranks(cases: list[str], degrees: list[tuple[int, int]], compile_per_rank: list[str]) -> dict:
-    """The 2-rank USP cases, then each rank compiles one model (local work, no collectives), so the
-    compile checks share the job's process start-up and run side by side."""
-    results = run(cases, degrees)
-    name = compile_per_rank[dist.get_rank()]
-    results["compile"] = {name: compile_vs_eager(name)}
+def infer_cases() -> dict:
+    """What :func:`core.parallel.infer.infer_layouts` makes of hand-made tensors (shard of 4 tokens):
+    ``{case: (split, prefix)}`` or ``"ParallelError"``."""
+    from core.errors import ParallelError
+    from core.parallel.infer import infer_layouts
+
+    shard, rank = 4, dist.get_rank()
+    same = torch.Generator().manual_seed(0)  # the same draws on every rank
+    whole, prefix = torch.randn(1, 6, 2, 3, generator=same), torch.randn(1, 3, 2, 3, generator=same)
+    mine = torch.randn(1, shard, 2, 3, generator=torch.Generator().manual_seed(10 + rank))
+    tensors = {"whole": whole, "shard": mine, "joint": torch.cat([prefix, mine], 1), "short whole": whole[:, :2],
+               "shard first": torch.cat([mine, prefix], 1)}
+    out = {}
+    for name, t in tensors.items():
+        try:
+            layout = infer_layouts({"t": t}, shard, None, name)["t"]
+            out[name] = (layout.split, layout.prefix)
+        except ParallelError:
+            out[name] = "ParallelError"
+    # a mask cannot follow split keys: the router refuses it rather than dropping it
+    from core.parallel import SequenceState, UspRouter, make_engine
+    from core.spec import AttentionSite, SequenceGather, SequenceSplit, UspAdapter
+
+    mesh = init_mesh(heads=_tiny.HEADS, ulysses_degree=2, ring_degree=1)
+    state = SequenceState(2, rank)
+    state.record("tokens", 2 * shard - 1, "test")
+    adapter = UspAdapter(component="t", heads=2, splits=[SequenceSplit(module="")], gathers=[SequenceGather(module="")],
+                         sites={"dispatch": AttentionSite(strategy="infer")})
+    router = UspRouter(adapter, mesh, state, make_engine(mesh))
+    try:
+        router(mine, mine, mine, site="dispatch", mask=torch.ones(1, 1, 1, shard, dtype=torch.bool), scale=None)
+        out["masked split keys"] = "ran"
+    except ParallelError:
+        out["masked split keys"] = "ParallelError"
+    return out
+
+
+def bridge_job(cases: list[str], degrees: list[tuple[int, int]], compile_cases: list[tuple[str, str]]) -> dict:
+    """The USP cases on all ranks, then rank ``i`` compiles ``compile_cases[i::world]`` (``(case,
+    backend)`` pairs); rank 0 returns everything."""
+    results = {"usp": usp_errors(cases, degrees), "infer": infer_cases(), "world": dist.get_world_size()}
+    mine = {}
+    for name, backend in compile_cases[dist.get_rank()::dist.get_world_size()]:
+        try:
+            mine[name] = {**compile_vs_eager(name, backend), "backend": backend}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            mine[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "backend": backend}
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results["compile"])
+    dist.all_gather_object(gathered, mine)
     results["compile"] = {k: v for part in gathered for k, v in part.items()}
     return results

@@ -1,17 +1,21 @@
 """core.integrations.diffusers: diffusers transformers unchanged, through core.attention and USP from their _cp_plan.
 
-Tiny configs of diffusers' own Flux, Wan, Qwen-Image and SD3 transformers (random weights). The
-multi-rank tests use image-token counts (15) and text lengths (7, 6) that leave a remainder on 2
-and 4 ranks.
+Tiny configs (random weights, fp32) of the nine diffusers 0.42 transformer classes that ship a
+``_cp_plan`` (``_tiny.CASES``), and SD3 with a plan registered the way a third party would. One
+2-rank job (gloo) carries every multi-process and compile assertion: each class on 2 ranks
+(Ulysses, then ring) against one process on a split token count that leaves a remainder, and each
+class compiled regionally against eager at three sizes.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
 
+from core.contract import ContractDeprecationWarning
 from core.errors import ParallelError, PluginError
 from core.parallel import launch
 
@@ -19,9 +23,9 @@ from . import _tiny, _workers
 
 di = pytest.importorskip("core.integrations.diffusers")
 
-
-def rel_err(got, want) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+TOL = 1e-5
+"""Relative error (fp32) for routed vs diffusers, USP vs one process and compiled vs eager: the
+same arithmetic up to the order of floating-point sums (measured: <= 4e-7)."""
 
 
 def test_importing_core_never_imports_diffusers():
@@ -31,33 +35,137 @@ def test_importing_core_never_imports_diffusers():
     assert out.stdout.strip() == "[]"
 
 
-PARITY = {
-    "flux": (_tiny.flux, lambda: _tiny.flux_inputs(3, 5), {"FluxAttnProcessor": 3}),
-    "wan": (_tiny.wan, lambda: _tiny.wan_inputs(1, 3, 5), {"WanAttnProcessor": 4}),
-    "wan-i2v": (_tiny.wan_i2v, lambda: _tiny.wan_i2v_inputs(1, 3, 5), {"WanAttnProcessor": 2}),
-    "qwen": (_tiny.qwen, lambda: _tiny.qwen_inputs(3, 5), {"QwenDoubleStreamAttnProcessor": 2}),
-    "sd3": (_tiny.sd3, lambda: _tiny.sd3_inputs(3, 5), {"JointAttnProcessor": 2}),
-    "sd3.5-dual": (lambda: _tiny.sd3(dual=True), lambda: _tiny.sd3_inputs(3, 5), {"JointAttnProcessor": 3}),
-}
+INDUCTOR = ("Wan", "Flux")
+"""Classes compiled with inductor (what ditkit runs; Flux has two block classes and joint
+attention); the other seven with dynamo and the ``aot_eager`` backend. One graph per block class
+and no recompilation are dynamo's doing, whatever the backend; nine cold inductor builds
+(≈150 s of CPU) do not fit the suite's budget."""
 
 
-@pytest.mark.parametrize("name", list(PARITY))
-def test_routed_processors_equal_diffusers(name, monkeypatch):
-    """Same output as diffusers' own processors (fp32, no USP), and every call goes through core.attention."""
+@pytest.fixture(scope="module")
+def bridge_job():
+    """The suite's one 2-rank job for the bridge: USP of every class (and of SD3 through a registered
+    plan) at Ulysses 2 and ring 2, the compile checks split across the two ranks (one inductor
+    build each), and the router's inference on hand-made layouts."""
+    cases = [*_tiny.CASES, *_tiny.REGISTERED]
+    compile_plan = [(n, "inductor") for n in INDUCTOR] + [(n, "aot_eager") for n in _tiny.CASES if n not in INDUCTOR]
+    return launch(_workers.bridge_job, 2, args=(cases, [(2, 1), (1, 2)], compile_plan), timeout=600)
+
+
+@contextmanager
+def native_backend_forbidden():
+    """diffusers' native backend raises inside the block: a routed forward must never reach it."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    def forbidden(**kwargs):
+        raise AssertionError("an attention call reached diffusers' native backend")
+
+    native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
+    _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE] = forbidden
+    try:
+        yield
+    finally:
+        _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE] = native
+
+
+@pytest.fixture
+def core_calls(monkeypatch):
+    """How many attention products ran through core.attention."""
     import core.attention
 
-    build, inputs, expected = PARITY[name]
-    model, x = build(), inputs()
+    calls = []
+    real = core.attention.local_attention
+    monkeypatch.setattr(core.attention, "local_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return _workers._outputs(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_tiny.CASES))
+def test_diffusers_class_routed_compiled_and_parallel(name, bridge_job, core_calls):
+    """One diffusers class end to end: (1) routed through core.attention = diffusers' own forward
+    (native backend), and no call reaches the native backend; (2) compiled regionally = eager at
+    three sizes with one graph per block class from the first call, no recompilation; (3) 2 ranks =
+    one process, Ulysses and ring, at a split token count that leaves a remainder."""
+    case = _tiny.CASES[name]
+    model, x = case.build(), case.inputs(0)
     with torch.no_grad():
-        want = model(**x)[0]
+        want = _outputs(model(**x))
         routed = di.route_attention(model)
-        sites = []
-        real = core.attention.local_attention
-        monkeypatch.setattr(core.attention, "local_attention", lambda *a, **k: sites.append(1) or real(*a, **k))
-        got = model(**x)[0]
-    assert {c: list(routed.values()).count(c) for c in set(routed.values())} == expected
-    assert len(sites) >= sum(expected.values())
-    assert rel_err(got, want) <= 1e-6
+        with native_backend_forbidden():
+            got = _outputs(model(**x))
+            with pytest.raises(AssertionError, match="native backend"):
+                case.build()(**x)  # the guard holds: an unrouted copy does reach it
+    assert set(routed.values()) == {di.DISPATCH_SITE}
+    assert len(core_calls) >= len(routed)
+    errors = [_workers.rel_err(g, w) for g, w in zip(got, want, strict=True)]
+    assert max(errors) <= TOL, f"{name}: routed vs diffusers {errors}"
+
+    compiled = bridge_job["compile"][name]
+    assert "error" not in compiled, f"{name}: compile raised {compiled.get('error')}"
+    assert compiled["backend"] == ("inductor" if name in INDUCTOR else "aot_eager")
+    assert compiled["parts"] == sorted(case.blocks), compiled["parts"]
+    assert compiled["graphs"] == {f"transformer:{b}": 1 for b in case.blocks}, compiled["graphs"]
+    assert compiled["recompiled"] == "no", compiled["recompiled"]
+    assert len(compiled["errors"]) == 3 and max(compiled["errors"]) <= TOL, compiled["errors"]
+
+    _check_usp(name, bridge_job)
+
+
+def _check_usp(name: str, job: dict) -> None:
+    assert job["world"] == 2
+    usp = job["usp"][name]
+    for degree in ("u2r1", "u1r2"):
+        assert isinstance(usp[degree], float), f"{name} {degree}: USP raised {usp[degree]}"
+    assert usp["splits"] and all(rem for _, rem in usp["splits"]), \
+        f"{name}: split lengths {usp['splits']} include one that divides evenly by 2; the case proves less"
+    for degree in ("u2r1", "u1r2"):
+        assert usp[degree] <= TOL, f"{name} {degree}: USP vs one process, relative error {usp[degree]:.3g}"
+
+
+@pytest.mark.slow
+def test_a_registered_plan_runs_a_class_without_one(bridge_job, monkeypatch):
+    """SD3 ships no _cp_plan and its processor bypasses dispatch_attention_fn: refused, then run
+    exactly on 2 ranks once a plan is registered (``_tiny.register_sd3_plan``)."""
+    model = _tiny.sd3(dual=True)
+    assert set(di.route_attention(model).values()) == {"JointAttnProcessor"}
+    monkeypatch.setattr(di, "TRANSLATIONS", dict(di.TRANSLATIONS))
+    with pytest.raises(ParallelError, match="declares no _cp_plan.*register_cp_translation"):
+        di.usp_from_cp_plan(model)
+    _tiny.register_sd3_plan()
+    adapter = di.usp_from_cp_plan(model)
+    assert [(s.module, s.arg) for s in adapter.splits] == [("transformer_blocks.0", "hidden_states")]
+    assert {n: s.strategy for n, s in adapter.sites.items()} == {"joint": "joint", "self": "parallel"}
+    _check_usp("SD3.5 (registered plan)", bridge_job)
+
+
+@pytest.mark.slow
+def test_router_infers_layouts_and_refuses_the_rest(bridge_job):
+    """core.parallel.infer on hand-made tensors (2 ranks): whole, [whole prefix, shard] and a shard
+    with nothing in front are told apart; a shard in front of whole tokens is refused, and so is a
+    mask on split keys."""
+    assert bridge_job["infer"] == {"whole": (False, 0), "shard": (True, 0), "joint": (True, 3),
+                                   "short whole": (False, 0), "shard first": "ParallelError",
+                                   "masked split keys": "ParallelError"}
+
+
+def test_set_attention_backend_names_ditkit(core_calls):
+    """diffusers' own call selects the backend too (and makes it the process default, which is
+    restored here)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    model, x = _tiny.wan(), _tiny.wan_inputs(0)
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        model.set_attention_backend(di.BACKEND)
+        with torch.no_grad(), native_backend_forbidden():
+            model(**x)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
+    assert len(core_calls) == 4  # 2 blocks × (self, cross)
 
 
 def test_route_attention_refuses_an_uncovered_processor():
@@ -65,25 +173,75 @@ def test_route_attention_refuses_an_uncovered_processor():
 
     model = _tiny.wan()
     model.blocks[1].attn2.set_processor(AttnProcessor2_0())
-    with pytest.raises(PluginError, match=r"blocks\.1\.attn2 \(AttnProcessor2_0\)"):
+    with pytest.raises(PluginError, match=r"blocks\.1\.attn2 \(AttnProcessor2_0\).*dispatch_attention_fn"):
         di.route_attention(model)
 
 
-def test_plan_translation():
-    """Flux's plan splits text and image; the adapter keeps the text whole and splits the image."""
-    flux = _tiny.flux()
-    adapter = di.usp_from_cp_plan(flux)
-    assert {(s.module, s.at, s.arg, s.dim) for s in adapter.splits} == {("", "input", "hidden_states", 1),
-                                                                          ("", "input", "img_ids", 0)}
-    assert [(g.module, g.dim) for g in adapter.gathers] == [("proj_out", 1)]
-    assert adapter.sites["joint"].strategy == "joint" and adapter.heads == _tiny.HEADS
-    assert di.cp_plan_text_entries(flux) == ["FluxTransformer2DModel._cp_plan['']['encoder_hidden_states']",
-                                             "FluxTransformer2DModel._cp_plan['']['txt_ids']"]
-    qwen = di.usp_from_cp_plan(_tiny.qwen())  # 'transformer_blocks.*' becomes one split per block
-    assert sorted(s.module for s in qwen.splits if s.arg == "modulate_index") == ["transformer_blocks.0", "transformer_blocks.1"]
-    assert [(s.module, s.arg) for s in qwen.splits if s.at == "output"] == [("pos_embed", 0)]
+def _rules(adapter):
+    return ({(s.module, s.at, s.arg, s.dim) for s in adapter.splits},
+            {(g.module, g.arg, g.dim) for g in adapter.gathers})
+
+
+BLOCKS = ("0", "1")  # every tiny model has 2 blocks of its ModuleList
+EXPECTED = {
+    "Flux": ({("", "input", "hidden_states", 1), ("", "input", "img_ids", 0)}, {("proj_out", None, 1)}),
+    "Flux2": ({("", "input", "hidden_states", 1), ("", "input", "img_ids", 1)}, {("proj_out", None, 1)}),
+    "QwenImage": ({("transformer_blocks.0", "input", "hidden_states", 1), ("pos_embed", "output", 0, 0),
+                   *{(f"transformer_blocks.{b}", "input", "modulate_index", 1) for b in BLOCKS}}, {("proj_out", None, 1)}),
+    "Wan": ({("rope", "output", 0, 1), ("rope", "output", 1, 1), ("blocks.0", "input", "hidden_states", 1),
+             ("", "input", "timestep", 1)}, {("proj_out", None, 1)}),
+    "ChronoEdit": ({("rope", "output", 0, 1), ("rope", "output", 1, 1), ("blocks.0", "input", "hidden_states", 1)},
+                   {("proj_out", None, 1)}),
+    # split and gathered inside each block; the plan lists gathers for 40 blocks, the tiny model has 2
+    "Helios": ({*{(f"blocks.{b}.{m}", "input", "hidden_states", 1) for b in BLOCKS for m in ("attn1", "attn2", "ffn")},
+                *{(f"blocks.{b}.attn1", "input", "rotary_emb", 1) for b in BLOCKS}},
+               {(f"blocks.{b}.{m}", None, 1) for b in BLOCKS for m in ("attn1", "attn2", "ffn")}),
+    # + the per-token timestep of the image-to-video pipelines (registered by the bridge)
+    "LTXVideo": ({("", "input", "hidden_states", 1), ("rope", "output", 0, 1), ("rope", "output", 1, 1),
+                  ("", "input", "timestep", 1)}, {("proj_out", None, 1)}),
+    # + that and the audio-video rotary table the plan leaves out
+    "LTX2Video": ({("", "input", "hidden_states", 1), ("rope", "output", 0, 1), ("rope", "output", 1, 1),
+                   ("", "input", "timestep", 1), ("cross_attn_rope", "output", 0, 1), ("cross_attn_rope", "output", 1, 1)},
+                  {("proj_out", None, 1)}),
+    "MiniMaxH3": ({("rope", "output", 0, 0), ("rope", "output", 1, 0), ("transformer_blocks.0", "input", "hidden_states", 1),
+                   ("norm_out", "input", "timestep_indices", 0),
+                   *{(f"transformer_blocks.{b}", "input", "adaln_indices", 0) for b in BLOCKS}},
+                  {("proj_out", None, 1), ("audio_proj_out", None, 1)}),
+}
+KEPT_WHOLE = {
+    "Flux": {"['']['encoder_hidden_states']", "['']['txt_ids']"},
+    "Flux2": {"['']['encoder_hidden_states']", "['']['txt_ids']"},
+    "QwenImage": {"['transformer_blocks.0']['encoder_hidden_states']",
+                  "['transformer_blocks.*']['encoder_hidden_states_mask']", "['pos_embed'][1]"},
+    "LTXVideo": {"['']['encoder_hidden_states']", "['']['encoder_attention_mask']"},
+    "LTX2Video": {"['']['encoder_hidden_states']", "['']['encoder_attention_mask']"},
+}
+
+
+@pytest.mark.parametrize("name", list(_tiny.CASES))
+def test_plan_translation(name):
+    """Every plan entry becomes its rule (a ``*`` one per block), the text entries stay whole, and
+    every call through dispatch_attention_fn is the one inferred site."""
+    with torch.device("meta"):
+        model = _tiny.CASES[name].build()
+    adapter = di.usp_from_cp_plan(model)
+    assert _rules(adapter) == EXPECTED[name]
+    assert {n: s.strategy for n, s in adapter.sites.items()} == {di.DISPATCH_SITE: "infer"}
+    assert adapter.heads == _tiny.HEADS
+    whole = {entry.split("_cp_plan")[1] for entry in di.cp_plan_text_entries(model)}
+    assert whole == KEPT_WHOLE.get(name, set())
     wan = di.usp_from_cp_plan(_tiny.wan())
     assert {s.expected_dims for s in wan.splits if s.arg == "timestep"} == {2}  # (B,) timesteps stay whole
+
+
+def test_a_configuration_computed_wrongly_on_a_shard_is_refused():
+    from diffusers import HeliosTransformer3DModel
+
+    with torch.device("meta"):
+        model = HeliosTransformer3DModel(num_attention_heads=2, attention_head_dim=12, num_layers=1, rope_dim=(4, 4, 4),
+                                         is_amplify_history=True)
+    with pytest.raises(ParallelError, match="is_amplify_history=True.*shard"):
+        di.usp_from_cp_plan(model)
 
 
 def test_plan_entries_that_cannot_be_expressed_are_named(monkeypatch):
@@ -94,6 +252,7 @@ def test_plan_entries_that_cannot_be_expressed_are_named(monkeypatch):
     for bad, words in [({"rope": {0: [In(split_dim=1), In(split_dim=1)]}}, r"\['rope'\]\[0\].*list"),
                        ({"blocks.*.ffn.*": {"x": In(split_dim=1)}}, r"more than one '\*'"),
                        ({"nowhere": {"x": In(split_dim=1)}}, r"no submodule 'nowhere'"),
+                       ({"blocks.*.nowhere": {"x": In(split_dim=1)}}, r"no submodule 'blocks\.0\.nowhere'"),
                        ({"rope": {"x": In(split_dim=1, split_output=True)}}, r"\['rope'\]\['x'\].*output index")]:
         monkeypatch.setattr(type(model), "_cp_plan", {**plan, **bad})
         with pytest.raises(ParallelError, match=words):
@@ -103,36 +262,63 @@ def test_plan_entries_that_cannot_be_expressed_are_named(monkeypatch):
         di.usp_from_cp_plan(model)
 
 
-def _check(results: dict, cases, degrees, world: int) -> None:
-    assert results["world"] == world
-    for name in cases:
-        total, remainder = results[f"{name} image tokens"]
-        assert remainder != 0, f"{name}: {total} image tokens divide evenly by {world}; the case proves nothing"
-        for u, r in degrees:
-            err = results[f"{name} u{u}r{r}"]
-            assert err <= 1e-5, f"{name} Ulysses {u} x ring {r}: relative error {err:.3g}"
+PARITY_MIRRORED = {
+    "sd3": (_tiny.sd3, lambda: _tiny.sd3_inputs(0)),
+    "sd3.5-dual": (lambda: _tiny.sd3(dual=True), lambda: _tiny.sd3_inputs(0)),
+}
 
 
-@pytest.mark.slow
-def test_usp_two_ranks_equals_one_process_and_compile_equals_eager():
-    """Flux (text 7, split in diffusers' plan, replicated here), Wan (both timestep layouts) and
-    Qwen-Image on 2 ranks, Ulysses and ring, 15 image tokens. In the same job (one process
-    start-up) rank 0 compiles Wan and rank 1 Qwen-Image: compiled == eager at three sizes, one
-    graph per block class, no recompilation after the first size."""
-    cases, degrees = list(_workers.CASES), [(2, 1), (1, 2)]
-    results = launch(_workers.two_ranks, 2, args=(cases, degrees, ["wan", "qwen"]), timeout=300)
-    _check(results, cases, degrees, 2)
-    blocks = {"wan": "WanTransformerBlock", "qwen": "QwenImageTransformerBlock"}
-    for name, got in results["compile"].items():
-        assert got["parts"] == [("regional", blocks[name], 2)], got["parts"]
-        assert got["recompiled"] == "no", f"{name}: {got['recompiled']}"
-        assert got["graphs"] == {f"transformer:{blocks[name]}": 1}, got["graphs"]
-        assert len(got["errors"]) == 3 and max(got["errors"]) <= 1e-5, f"{name}: compiled vs eager {got['errors']}"
-    assert set(results["compile"]) == {"wan", "qwen"}
+@pytest.mark.parametrize("name", list(PARITY_MIRRORED))
+def test_mirrored_processor_equals_diffusers(name, core_calls):
+    """SD3's processor bypasses dispatch_attention_fn, so ditkit mirrors it: same output (≈2e-7:
+    ditkit joins [text, image] where diffusers joins [image, text])."""
+    build, inputs = PARITY_MIRRORED[name]
+    model, x = build(), inputs()
+    with torch.no_grad():
+        want = model(**x)[0]
+        routed = di.route_attention(model)
+        got = model(**x)[0]
+    assert len(core_calls) >= len(routed)
+    assert _workers.rel_err(got, want) <= 1e-6
 
 
-@pytest.mark.slow
-def test_usp_four_ranks_equals_one_process():
-    """Ulysses 2 × ring 2: 15 image tokens (remainder 3), Flux's 7 and Qwen-Image's 6 text tokens."""
-    cases, degrees = ["flux", "wan", "qwen"], [(2, 2)]
-    _check(launch(_workers.run, 4, args=(cases, degrees), timeout=240), cases, degrees, 4)
+def test_the_first_bridges_names_still_work(core_calls):
+    """The mirrored processors of the first bridge are deprecated names of diffusers' own on ditkit's
+    backend: one DeprecationWarning naming the replacement, and the same output."""
+    with pytest.warns(ContractDeprecationWarning, match=r"FluxAttnProcessor is deprecated since contract 1.1; use .*route_attention"):
+        flux_processor = di.FluxAttnProcessor
+    with pytest.warns(DeprecationWarning, match="routed_processor is deprecated"):
+        routed_processor = di.routed_processor
+    model, x = _tiny.flux(), _tiny.flux_inputs(0)
+    with torch.no_grad():
+        want = model(**x)[0]
+        model.set_attn_processor(flux_processor())
+        with native_backend_forbidden():
+            got = model(**x)[0]
+    assert len(core_calls) == 3 and _workers.rel_err(got, want) == 0
+    assert routed_processor(model.transformer_blocks[0].attn) is flux_processor
+    for name in ("WanAttnProcessor", "QwenDoubleStreamAttnProcessor"):
+        with pytest.warns(DeprecationWarning, match=name):
+            assert hasattr(getattr(di, name)(), "_attention_backend")
+
+
+def test_backend_takes_diffusers_arguments_as_the_native_one_does():
+    """The backend function against diffusers' native one: a (batch, keys) mask, grouped-query
+    heads; and what it does not run (dropout, causal) raises instead of being dropped."""
+    from diffusers.models.attention_dispatch import _native_attention
+
+    from core.integrations.diffusers import _ditkit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 5, 4, 8, generator=g), torch.randn(2, 7, 2, 8, generator=g), torch.randn(2, 7, 2, 8, generator=g)
+    mask = torch.rand(2, 7, generator=g) > 0.3
+    mask[:, 0] = True
+    got = _ditkit_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    want = _native_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert _workers.rel_err(got, want) <= 1e-6
+    with pytest.raises(ValueError, match="enable_gqa"):
+        _ditkit_attention(q, k, v)
+    with pytest.raises(ValueError, match="dropout"):
+        _ditkit_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="causal"):
+        _ditkit_attention(q, q, q, is_causal=True)

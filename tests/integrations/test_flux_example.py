@@ -1,7 +1,8 @@
 """The diffusers Flux example plugin, installed for real: the kit's fast checks (the compile and
 USP checks are run with ``ditkit check diffusers-flux --usp 2`` / ``--usp 4``; the same mechanisms
-are tested on Flux, Wan and Qwen-Image directly in test_diffusers.py), its reference (diffusers'
-own ``FluxPipeline``) and three mutations of its pipeline that only that reference catches."""
+are tested on the nine diffusers classes with a _cp_plan directly in test_diffusers.py), its
+reference (diffusers' own ``FluxPipeline``) and three mutations of its pipeline that only that
+reference catches."""
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,8 @@ def test_flux_example_fast_checks(flux_site, on_path, monkeypatch):
 
     record = get_registry().model("dflux")
     assert record.distribution == "ditkit-diffusers-flux"
-    adapter = record.spec.usp[0]  # derived from diffusers' _cp_plan: image split, text whole at the joint site
-    assert {s.arg for s in adapter.splits} == {"hidden_states", "img_ids"} and set(adapter.sites) == {"joint"}
+    adapter = record.spec.usp[0]  # derived from diffusers' _cp_plan: image split, text whole, sites inferred
+    assert {s.arg for s in adapter.splits} == {"hidden_states", "img_ids"} and set(adapter.sites) == {"dispatch"}
     assert (24 // 8) * (40 // 8) % 2 and (24 // 8) * (40 // 8) % 4  # the declared uneven call: 15 tokens
     assert record.spec.conformance.uneven_call == {"height": 24, "width": 40}
     subject, done = Subject("diffusers-flux"), {}

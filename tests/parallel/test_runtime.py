@@ -76,3 +76,25 @@ def test_split_then_gather_on_one_rank_is_identity():
         assert h.component(x)[1] is None  # an optional input the call leaves out passes through
         with pytest.raises(ParallelError, match="5 tokens"):
             h.component(x, torch.randn(6))  # one sequence, two lengths
+
+
+def test_a_gathered_sequence_may_be_split_again_with_another_length():
+    """While split, every split of a sequence covers the same tokens; once gathered, the next split
+    starts a new layout (a model splitting inside each sub-module, over streams of different lengths)."""
+    state = SequenceState(2, 0)
+    assert state.record("tokens", 19, "attn1").shard == 10
+    with pytest.raises(ParallelError, match="until it is gathered"):
+        state.record("tokens", 15, "attn2")
+    state.gathered("tokens")
+    assert state.record("tokens", 15, "attn2").shard == 8 and state.layout("tokens", "x").total == 15
+    assert state.seen["tokens"] == {19, 15}
+
+
+def test_an_inferred_site_before_any_split_runs_locally():
+    """``infer`` needs no comparison while nothing is split: every rank holds the tensors whole."""
+    from core.spec import AttentionSite
+
+    adapter = _toys.DIT_ADAPTER.model_copy(update={"sites": {"dispatch": AttentionSite(strategy="infer")}})
+    router = UspRouter(adapter, _mesh(), SequenceState(2, 0), _engine)
+    q = torch.randn(1, 4, 4, 8)
+    assert router(q, q, q, site="dispatch", mask=None, scale=None) is None

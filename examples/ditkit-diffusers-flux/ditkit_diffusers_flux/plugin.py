@@ -2,7 +2,8 @@
 
 The USP adapter is derived from diffusers' own ``FluxTransformer2DModel._cp_plan`` (built on the
 meta device, so declaring costs no memory): the image tokens split at the model input, the text
-kept whole on every rank at the joint attention site, gathered after ``proj_out``.
+kept whole on every rank (the router finds the joint ``[text, image]`` attention itself), gathered
+after ``proj_out``.
 """
 import torch
 

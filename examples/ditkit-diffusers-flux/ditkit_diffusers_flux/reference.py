@@ -10,8 +10,8 @@ the Euler steps, the VAE's scaling and shift, the decoding and the image post-pr
 What it shares with the plugin: the weights and the initial noise (handed to ``FluxPipeline`` as
 ``latents``, packed by diffusers' ``_pack_latents``). The transformer is rebuilt from its config
 and the plugin's state dict, so its attention runs through diffusers' own processors, not the
-ditkit processors that ``route_attention`` installed (those are under test). The VAE and the
-text encoder are the plugin's modules unchanged (diffusers' and transformers' classes).
+ditkit attention backend that ``route_attention`` set on the plugin's processors (that routing
+is under test). The VAE and the text encoder are the plugin's modules unchanged (diffusers' and transformers' classes).
 """
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def _cmd_run(args) -> int:
     if args.nproc and args.nproc > 1:
         from .parallel.launch import relaunch_cli
 
-        return relaunch_cli(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+        return relaunch_cli(args.nproc, sys.argv[1:] if args.argv is None else args.argv, entry=_rank_main)
     options = {}
     if args.usp:
         options.update(use_usp=True)
@@ -235,6 +235,11 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split()) if not os.environ.get("DITKIT_DEBUG") else text
+
+
+def _rank_main(argv: list[str]) -> int:
+    """One rank of ``--nproc``: errors are raised, and the launcher reports the first failing rank in one line."""
+    return main(argv, raise_errors=True)
 
 
 def _on_sigterm(signum, frame):

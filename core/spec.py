@@ -248,6 +248,8 @@ class ModelSpec(_Record):
     ``pipeline`` is the factory: ``pipeline(config, *, device, dtype, weights, **options)`` returns a
     :class:`core.pipeline.Pipeline`; ``config`` is the chosen preset's ``config``; ``weights`` is the
     checkpoint directory (``None`` for random-weight presets, then the factory seeds its own init).
+    It may be given as ``"module:attr"`` (a :class:`core.lazy.ImportRef`, imported when a model is
+    first built), so that declaring the model does not import the pipeline's code.
     """
 
     name: str
@@ -269,6 +271,15 @@ class ModelSpec(_Record):
     """``writer(pipe, root)`` writes ``pipe``'s weights (and tokenizer files) in the official layout
     under ``root``. Without it the core writes each :class:`WeightFile` from the component's
     ``state_dict()`` (possible when no ``key_map`` is declared)."""
+
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pipeline_ref(cls, v):
+        if isinstance(v, str):
+            from .lazy import ImportRef
+
+            return ImportRef(v)
+        return v
 
     @field_validator("name")
     @classmethod

@@ -52,9 +52,11 @@ class Subject:
     def known_arguments(self) -> set[str]:
         """Generation arguments the pipeline takes: the base call's, the class defaults' and every
         preset's defaults' keys (what ``Pipeline.check_inputs`` accepts)."""
+        from ..lazy import ImportRef
         from ..pipeline import Pipeline
 
-        cls = self.spec.pipeline if isinstance(self.spec.pipeline, type) else type(self.pipe())
+        factory = self.spec.pipeline.resolve() if isinstance(self.spec.pipeline, ImportRef) else self.spec.pipeline
+        cls = factory if isinstance(factory, type) else type(self.pipe())
         presets = {k for p in self.spec.presets.values() for k in p.defaults}
         return {*Pipeline.base_arguments, *getattr(cls, "defaults", {}), *presets}
 

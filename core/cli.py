@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from .errors import DitkitError, InputError, Interrupted, RankFailed
+from .errors import DitkitError, InputError, Interrupted, PluginError, RankFailed
 
 
 def _cmd_plugins(args) -> int:
@@ -130,7 +130,12 @@ def _cmd_check(args) -> int:
     from .testing import KitOptions, Subject, format_table, run_checks
     from .testing.runner import failed, to_json
 
-    subject = Subject(args.model, plugin=args.plugin)
+    try:
+        subject = Subject(args.model, plugin=args.plugin)
+    except PluginError as exc:
+        if args.plugin is None:
+            raise
+        raise PluginError(f"--plugin {args.plugin}: {exc}") from exc
     opts = KitOptions(max_examples=args.max_examples, usp_world=args.usp or 2)
     if not args.json:
         print(f"checking {subject.spec.name} ({subject.record.distribution}) ...", file=sys.stderr)
@@ -186,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="model name or alias (see 'ditkit plugins')")
     r.add_argument("--preset", default=None, help="preset name (default: the model's default, normally 'tiny')")
     r.add_argument("--weights", default=None, help="checkpoint directory in the model's official layout")
-    r.add_argument("--prompt", default="a photo of a red fox in the snow")
-    r.add_argument("--negative-prompt", default=None)
-    r.add_argument("--steps", type=int, default=None)
-    r.add_argument("--guidance-scale", type=float, default=None)
-    r.add_argument("--height", type=int, default=None)
-    r.add_argument("--width", type=int, default=None)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate")
+    r.add_argument("--prompt", default="a photo of a red fox in the snow", help="the text prompt (default: %(default)r)")
+    r.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the preset's)")
+    r.add_argument("--steps", type=int, default=None, help="denoising steps, num_inference_steps (default: the preset's)")
+    r.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale (default: the preset's)")
+    r.add_argument("--height", type=int, default=None, help="output height in pixels (default: the preset's)")
+    r.add_argument("--width", type=int, default=None, help="output width in pixels (default: the preset's)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
+    r.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate (default: the preset's)")
     r.add_argument("--image", default=None, help="image-conditioned models: the input image file")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -202,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile, loading the matching portable compile-cache bundle from DIR; save it after the run")
     r.add_argument("--usp", action="store_true", help="sequence-parallel across the ranks of this torchrun job")
     r.add_argument("--nproc", type=int, default=0, help="launch N local processes (CPU: gloo) and run with --usp")
-    r.add_argument("--out", default=None, help="output file (PNG for images, MP4 for video, WAV for audio)")
+    r.add_argument("--out", default=None, help="output file: PNG for images, MP4 for video, WAV for audio "
+                   "(default: MODEL.png/.mp4/.wav in the current folder, e.g. wan2.1-t2v-1.3b.mp4)")
     r.add_argument("--wav", default=None, metavar="FILE", help="video+audio models: also write the audio track as WAV")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
@@ -228,8 +234,11 @@ def _one_line(exc: BaseException) -> str:
     """The error as one line; a rank's failure as that rank's own error (``DITKIT_DEBUG=1``: all)."""
     if isinstance(exc, RankFailed):
         cause = exc.__cause__
-        text = str(cause) if cause is not None else str(exc).split("\n", 1)[0].split(": ", 1)[-1]
-        text = f"rank {exc.rank}: {text}"
+        if cause is None and (exc.error_type == "exit" or exc.error_type.startswith("signal")):
+            text = str(exc).split("\n", 1)[0]  # "rank 1 was killed by SIGKILL (...); as a consequence ..."
+        else:
+            text = str(cause) if cause is not None else str(exc).split("\n", 1)[0].split(": ", 1)[-1]
+            text = f"rank {exc.rank}: {text}"
         if os.environ.get("DITKIT_DEBUG"):
             return f"{text}\n{exc.remote_traceback}"
     else:
@@ -274,7 +283,12 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
     except (DitkitError, ValueError) as exc:
         if raise_errors:
             raise
-        print(f"ditkit: error: {_one_line(exc)}", file=sys.stderr)
+        text = _one_line(exc)
+        if isinstance(exc, InputError) and args.command == "run":
+            from .cli_flags import in_flag_terms
+
+            text = in_flag_terms(text)  # the flag the user typed (--steps), not the Python argument
+        print(f"ditkit: error: {text}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import PluginError
 from ..registry import ModelRecord, Registry, get_registry
 from ..spec import ModelSpec
 
@@ -65,6 +66,19 @@ class Subject:
 
 
 def import_plugin(ref: str):
+    """The plugin object ``ref`` names (``"module"`` or ``"module:attr"``); a module that does not
+    import, or lacks the attribute, is a :class:`PluginError` naming it."""
+    from ..interrupts import watch_sigint
+
     module, _, attr = ref.partition(":")
-    obj = importlib.import_module(module)
+    with watch_sigint() as sigint:
+        try:
+            obj = importlib.import_module(module)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a plugin's own import-time failure included
+            if sigint.is_users(exc):
+                raise
+            hint = " (is it installed, or on PYTHONPATH?)" if isinstance(exc, ModuleNotFoundError) else ""
+            raise PluginError(f"cannot import plugin module {module!r}: {type(exc).__name__}: {exc}{hint}") from exc
+    if attr and not hasattr(obj, attr):
+        raise PluginError(f"plugin module {module!r} has no attribute {attr!r}")
     return getattr(obj, attr) if attr else obj

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from .cli_warnings import warnings_as_lines
 from .errors import DitkitError, InputError, Interrupted, PluginError, RankFailed
 
 
@@ -87,10 +88,22 @@ def _cmd_run(args) -> int:
     # a rank of --nproc (``--usp`` without ``--nproc``) runs after its launcher's preflight; under
     # torchrun the main rank checks the output path below, after the model is known to load
     out = _preflight(args) if (args.nproc or 0) > 1 or not args.usp else None
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    if args.compile_cache:  # checked before any work: a folder that cannot be written is one warning
+        from .compile_cache import check_compile_caches
+        from .cli_flags import without_option
+
+        if check_compile_caches(args.compile_cache) is None:
+            args.compile, args.compile_cache = True, None
+            argv = [*without_option(argv, "--compile-cache"), "--compile"]  # the ranks do as the launcher decided
+    elif args.compile:
+        from .compile_cache import check_compile_caches
+
+        check_compile_caches(None)
     if args.nproc and args.nproc > 1:
         from .parallel.launch import relaunch_cli
 
-        return relaunch_cli(args.nproc, sys.argv[1:] if args.argv is None else args.argv, entry=_rank_main)
+        return relaunch_cli(args.nproc, argv, entry=_rank_main)
     options = {}
     if args.usp:
         options.update(use_usp=True)
@@ -113,17 +126,30 @@ def _cmd_run(args) -> int:
     start = time.perf_counter()
     output = pipe(args.prompt, seed=args.seed, progress=False if args.no_progress else None, **gen)
     elapsed = time.perf_counter() - start
-    if args.compile_cache and is_main:
-        saved = pipe.save_compile_cache()  # after the generation: the bundle holds what it compiled
-        if saved:
-            print(f"saved compile cache {saved}")
     if is_main:
         written = core.write_output(output, out)
         if args.wav is not None:
             written += core.write_output(core.Output(kind="audio", audio=output.audio, sample_rate=output.sample_rate),
                                          args.wav)
         print(f"wrote {', '.join(map(str, written))} ({output.kind}, {tuple(output.tensor().shape)}) in {elapsed:.2f} s")
+    if args.compile_cache and is_main:  # after the output: a cache problem never costs the result
+        _save_compile_cache(pipe)
     return 0
+
+
+def _save_compile_cache(pipe) -> None:
+    """Save the bundle after the generation (it holds what the run compiled); failing is a warning."""
+    import warnings
+
+    from .compile_cache import CompileCacheWarning
+
+    try:
+        saved = pipe.save_compile_cache()
+    except OSError as exc:
+        warnings.warn(f"compile cache not saved: {exc.strerror or exc} ({exc.filename or ''})", CompileCacheWarning)
+        return
+    if saved:
+        print(f"saved compile cache {saved}")
 
 
 def _cmd_check(args) -> int:
@@ -269,7 +295,8 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
         except ValueError:  # not the main thread: leave the default
             pass
     try:
-        return args.func(args)
+        with warnings_as_lines():
+            return args.func(args)
     except Interrupted as exc:
         if raise_errors:
             raise

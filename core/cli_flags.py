@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["RUN_FLAGS", "in_flag_terms"]
+__all__ = ["RUN_FLAGS", "in_flag_terms", "without_option"]
 
 RUN_FLAGS = {
     "num_inference_steps": "--steps",
@@ -43,3 +43,16 @@ def in_flag_terms(message: str) -> str:
     for name, pattern in _PATTERNS.items():
         message = pattern.sub(RUN_FLAGS[name], message)
     return message
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--option VALUE`` or ``--option=VALUE``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(f"{option}="):
+            out.append(a)
+    return out

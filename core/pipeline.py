@@ -124,14 +124,13 @@ class Pipeline:
         if absent:
             raise CompileError(f"compilable component(s) {absent} are not nn.Module attributes of {type(self).__name__}")
         options = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, **kwargs}
-        loaded = None
+        loaded = unreadable = None
         if cache_dir is not None:
-            from .compile_cache import bundle_key, bundle_path, load_bundle
+            from .compile_cache import open_bundle
 
-            key = {**bundle_key(self, options), "components": sorted(names)}
-            path = bundle_path(cache_dir, key)
+            path, key, status = open_bundle(self, cache_dir, options, names)  # unreadable: a warning, ignored
             self._compile_bundle = (path, key)
-            loaded = str(path) if load_bundle(path) else None
+            loaded, unreadable = (str(path) if status == s else None for s in ("loaded", "unreadable"))
         spec = self.spec
         report = compile_components(
             {n: components[n] for n in names},
@@ -139,7 +138,7 @@ class Pipeline:
             methods=dict(spec.compiled_methods) if spec is not None else {},
             options=options,
         )
-        report.bundle_loaded = loaded
+        report.bundle_loaded, report.bundle_unreadable = loaded, unreadable
         self.compile_report = report
         return report
 

@@ -67,8 +67,12 @@ def _preflight(args) -> str:
     out = args.out or default_output_name(spec.name, kind)
     check_output_path(out, kind)
     _check_wav(args, kind)
-    check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
-               prompt=args.prompt, seed=args.seed, **_generation_args(args))
+    meta = check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
+                      prompt=args.prompt, seed=args.seed, **_generation_args(args))
+    from .declarations import check_declarations
+
+    # what the plugin declares for compile and USP, against the model built on the meta device
+    check_declarations(meta, compile=bool(args.compile or args.compile_cache), usp=bool(args.usp or (args.nproc or 0) > 1))
     return out
 
 

@@ -132,12 +132,17 @@ class Pipeline:
             self._compile_bundle = (path, key)
             loaded, unreadable = (str(path) if status == s else None for s in ("loaded", "unreadable"))
         spec = self.spec
-        report = compile_components(
-            {n: components[n] for n in names},
-            repeated_blocks=dict(spec.repeated_blocks) if spec is not None else {},
-            methods=dict(spec.compiled_methods) if spec is not None else {},
-            options=options,
-        )
+        try:
+            report = compile_components(
+                {n: components[n] for n in names},
+                repeated_blocks=dict(spec.repeated_blocks) if spec is not None else {},
+                methods=dict(spec.compiled_methods) if spec is not None else {},
+                options=options,
+            )
+        except CompileError as exc:  # a wrong declaration: say whose
+            from .declarations import declared_by
+
+            raise CompileError(f"{declared_by(self)}: {exc}") from None
         report.bundle_loaded, report.bundle_unreadable = loaded, unreadable
         self.compile_report = report
         return report

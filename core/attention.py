@@ -123,6 +123,9 @@ class AttentionRouter(Protocol):
 
 
 _router: AttentionRouter | None = None
+_routed_eager = None
+"""``_routed_call`` wrapped in ``torch.compiler.disable``, made by the first :func:`routed` block:
+the wrapper imports dynamo (a second of start-up), which a process that only lists plugins never needs."""
 
 
 def active_router() -> AttentionRouter | None:
@@ -132,7 +135,9 @@ def active_router() -> AttentionRouter | None:
 @contextmanager
 def routed(router: AttentionRouter) -> Iterator[None]:
     """Route every :func:`attention` call made inside the block through ``router`` first."""
-    global _router
+    global _router, _routed_eager
+    if _routed_eager is None:  # outside any compiled region: routed() runs in a component's pre-hook
+        _routed_eager = torch.compiler.disable(_routed_call)
     previous, _router = _router, router
     try:
         yield
@@ -164,14 +169,13 @@ def attention(
             f"k{tuple(k.shape)} v{tuple(v.shape)}"
         )
     if _router is not None:
-        out = _routed_call(_router, q, k, v, site, mask, scale, site_args)
+        out = _routed_eager(_router, q, k, v, site, mask, scale, site_args)
         if out is not None:
             return out
     return local_attention(q, k, v, mask=mask, scale=scale)
 
 
-@torch.compiler.disable
 def _routed_call(router, q, k, v, site, mask, scale, site_args):
-    # Collectives (all-to-all, ring send/recv) and yunchang's merge run eagerly: inside a compiled
-    # block this is a graph break, and the rest of the block stays compiled.
+    # Called through ``_routed_eager``: collectives (all-to-all, ring send/recv) and yunchang's merge
+    # run eagerly; inside a compiled block this is a graph break, and the rest of the block stays compiled.
     return router(q, k, v, site=site, mask=mask, scale=scale, **site_args)

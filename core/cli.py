@@ -9,7 +9,8 @@ import sys
 import time
 from dataclasses import asdict
 
-from .errors import DitkitError, InputError, Interrupted, RankFailed
+from .cli_warnings import warnings_as_lines
+from .errors import DitkitError, InputError, Interrupted, PluginError, RankFailed
 from .jsonreport import STDOUT, add_json_argument, write_json
 
 
@@ -67,8 +68,12 @@ def _preflight(args) -> str:
     out = args.out or default_output_name(spec.name, kind)
     check_output_path(out, kind)
     _check_wav(args, kind)
-    check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
-               prompt=args.prompt, seed=args.seed, **_generation_args(args))
+    meta = check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
+                      prompt=args.prompt, seed=args.seed, **_generation_args(args))
+    from .declarations import check_declarations
+
+    # what the plugin declares for compile and USP, against the model built on the meta device
+    check_declarations(meta, compile=bool(args.compile or args.compile_cache), usp=bool(args.usp or (args.nproc or 0) > 1))
     if args.lora:
         from .lora import check_lora_args
 
@@ -92,10 +97,22 @@ def _cmd_run(args) -> int:
     # a rank of --nproc (``--usp`` without ``--nproc``) runs after its launcher's preflight; under
     # torchrun the main rank checks the output path below, after the model is known to load
     out = _preflight(args) if (args.nproc or 0) > 1 or not args.usp else None
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    if args.compile_cache:  # checked before any work: a folder that cannot be written is one warning
+        from .compile_cache import check_compile_caches
+        from .cli_flags import without_option
+
+        if check_compile_caches(args.compile_cache) is None:
+            args.compile, args.compile_cache = True, None
+            argv = [*without_option(argv, "--compile-cache"), "--compile"]  # the ranks do as the launcher decided
+    elif args.compile:
+        from .compile_cache import check_compile_caches
+
+        check_compile_caches(None)
     if args.nproc and args.nproc > 1:
         from .parallel.launch import relaunch_cli
 
-        return relaunch_cli(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+        return relaunch_cli(args.nproc, argv, entry=_rank_main)
     options = {}
     if args.usp:
         options.update(use_usp=True)
@@ -125,24 +142,42 @@ def _cmd_run(args) -> int:
     start = time.perf_counter()
     output = pipe(args.prompt, seed=args.seed, progress=False if args.no_progress else None, **gen)
     elapsed = time.perf_counter() - start
-    if args.compile_cache and is_main:
-        saved = pipe.save_compile_cache()  # after the generation: the bundle holds what it compiled
-        if saved:
-            print(f"saved compile cache {saved}")
     if is_main:
         written = core.write_output(output, out)
         if args.wav is not None:
             written += core.write_output(core.Output(kind="audio", audio=output.audio, sample_rate=output.sample_rate),
                                          args.wav)
         print(f"wrote {', '.join(map(str, written))} ({output.kind}, {tuple(output.tensor().shape)}) in {elapsed:.2f} s")
+    if args.compile_cache and is_main:  # after the output: a cache problem never costs the result
+        _save_compile_cache(pipe)
     return 0
+
+
+def _save_compile_cache(pipe) -> None:
+    """Save the bundle after the generation (it holds what the run compiled); failing is a warning."""
+    import warnings
+
+    from .compile_cache import CompileCacheWarning
+
+    try:
+        saved = pipe.save_compile_cache()
+    except OSError as exc:
+        warnings.warn(f"compile cache not saved: {exc.strerror or exc} ({exc.filename or ''})", CompileCacheWarning)
+        return
+    if saved:
+        print(f"saved compile cache {saved}")
 
 
 def _cmd_check(args) -> int:
     from .testing import KitOptions, Subject, format_table, run_checks
     from .testing.runner import failed, to_json
 
-    subject = Subject(args.model, plugin=args.plugin)
+    try:
+        subject = Subject(args.model, plugin=args.plugin)
+    except PluginError as exc:
+        if args.plugin is None:
+            raise
+        raise PluginError(f"--plugin {args.plugin}: {exc}") from exc
     opts = KitOptions(max_examples=args.max_examples, usp_world=args.usp or 2, strict=args.strict)
     if args.json != STDOUT:
         print(f"checking {subject.spec.name} ({subject.record.distribution}) ...", file=sys.stderr)
@@ -201,16 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="model name or alias (see 'ditkit plugins')")
     r.add_argument("--preset", default=None, help="preset name (default: the model's default, normally 'tiny')")
     r.add_argument("--weights", default=None, help="checkpoint directory in the model's official layout")
-    r.add_argument("--prompt", default="a photo of a red fox in the snow")
-    r.add_argument("--negative-prompt", default=None)
-    r.add_argument("--steps", type=int, default=None)
-    r.add_argument("--guidance-scale", type=float, default=None)
-    r.add_argument("--height", type=int, default=None)
-    r.add_argument("--width", type=int, default=None)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--prompt", default="a photo of a red fox in the snow", help="the text prompt (default: %(default)r)")
+    r.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the preset's)")
+    r.add_argument("--steps", type=int, default=None, help="denoising steps, num_inference_steps (default: the preset's)")
+    r.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale (default: the preset's)")
+    r.add_argument("--height", type=int, default=None, help="output height in pixels (default: the preset's)")
+    r.add_argument("--width", type=int, default=None, help="output width in pixels (default: the preset's)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
     r.add_argument("--shift", type=float, default=None,
                    help="models with a shift argument (Wan, Qwen-Image): the schedule's shift (few-step LoRAs, docs/models.md)")
-    r.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate")
+    r.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate (default: the preset's)")
     r.add_argument("--image", default=None, help="image-conditioned models: the input image file")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -221,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile, loading the matching portable compile-cache bundle from DIR; save it after the run")
     r.add_argument("--usp", action="store_true", help="sequence-parallel across the ranks of this torchrun job")
     r.add_argument("--nproc", type=int, default=0, help="launch N local processes (CPU: gloo) and run with --usp")
-    r.add_argument("--out", default=None, help="output file (PNG for images, MP4 for video, WAV for audio)")
+    r.add_argument("--out", default=None, help="output file: PNG for images, MP4 for video, WAV for audio "
+                   "(default: MODEL.png/.mp4/.wav in the current folder, e.g. wan2.1-t2v-1.3b.mp4)")
     r.add_argument("--wav", default=None, metavar="FILE", help="video+audio models: also write the audio track as WAV")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
@@ -249,13 +285,21 @@ def _one_line(exc: BaseException) -> str:
     """The error as one line; a rank's failure as that rank's own error (``DITKIT_DEBUG=1``: all)."""
     if isinstance(exc, RankFailed):
         cause = exc.__cause__
-        text = str(cause) if cause is not None else str(exc).split("\n", 1)[0].split(": ", 1)[-1]
-        text = f"rank {exc.rank}: {text}"
+        if cause is None and (exc.error_type == "exit" or exc.error_type.startswith("signal")):
+            text = str(exc).split("\n", 1)[0]  # "rank 1 was killed by SIGKILL (...); as a consequence ..."
+        else:
+            text = str(cause) if cause is not None else str(exc).split("\n", 1)[0].split(": ", 1)[-1]
+            text = f"rank {exc.rank}: {text}"
         if os.environ.get("DITKIT_DEBUG"):
             return f"{text}\n{exc.remote_traceback}"
     else:
         text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split()) if not os.environ.get("DITKIT_DEBUG") else text
+
+
+def _rank_main(argv: list[str]) -> int:
+    """One rank of ``--nproc``: errors are raised, and the launcher reports the first failing rank in one line."""
+    return main(argv, raise_errors=True)
 
 
 def _on_sigterm(signum, frame):
@@ -276,7 +320,8 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
         except ValueError:  # not the main thread: leave the default
             pass
     try:
-        return args.func(args)
+        with warnings_as_lines():
+            return args.func(args)
     except Interrupted as exc:
         if raise_errors:
             raise
@@ -290,7 +335,12 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
     except (DitkitError, ValueError) as exc:
         if raise_errors:
             raise
-        print(f"ditkit: error: {_one_line(exc)}", file=sys.stderr)
+        text = _one_line(exc)
+        if isinstance(exc, InputError) and args.command == "run":
+            from .cli_flags import in_flag_terms
+
+            text = in_flag_terms(text)  # the flag the user typed (--steps), not the Python argument
+        print(f"ditkit: error: {text}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

@@ -43,12 +43,15 @@ class CompileReport:
     """Where compiled kernels are cached across processes (see :func:`persistent_cache_dir`)."""
     bundle_loaded: str | None = None
     """The portable compile-cache bundle loaded before compiling, if any (``compile_pipeline(cache_dir=)``)."""
+    bundle_unreadable: str | None = None
+    """A bundle found for this key but unreadable (empty, truncated, not a bundle): ignored, rewritten on save."""
 
     def components(self) -> list[str]:
         return sorted({p.component for p in self.parts})
 
     def to_dict(self) -> dict:
         return {"options": self.options, "cache_dir": self.cache_dir, "bundle_loaded": self.bundle_loaded,
+                "bundle_unreadable": self.bundle_unreadable,
                 "parts": [{k: v for k, v in asdict(p).items() if k != "code"} for p in self.parts]}
 
     def graphs(self) -> dict[str, int]:
@@ -178,9 +181,11 @@ def persistent_cache_dir() -> str | None:
     emptied on reboot and on many clusters per job; the cold first call then pays every kernel build
     again. ``DITKIT_COMPILE_CACHE`` overrides the base directory (``off`` keeps PyTorch's default);
     ``TORCHINDUCTOR_CACHE_DIR``, when set, always wins. Returns the directory in use (``None``
-    when left to PyTorch).
+    when left to PyTorch). A directory that cannot be written is one
+    :class:`~core.compile_cache.CompileCacheWarning` and is then off for the process.
     """
     import os
+    import warnings
     from pathlib import Path
 
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -196,7 +201,15 @@ def persistent_cache_dir() -> str | None:
     if base is None:
         base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "ditkit")
     path = os.path.join(base, "inductor", f"torch-{torch.__version__}")
-    os.makedirs(path, exist_ok=True)
+    from .compile_cache import CompileCacheWarning, unwritable_reason
+
+    problem = unwritable_reason(path)
+    if problem:  # a warning, once: the run goes on with PyTorch's default
+        source = "DITKIT_COMPILE_CACHE" if "DITKIT_COMPILE_CACHE" in os.environ else "the default compile cache"
+        warnings.warn(f"{source} {base!r} cannot be written ({problem}); compiled kernels are not kept across "
+                      f"processes (DITKIT_COMPILE_CACHE=off for the rest of this run)", CompileCacheWarning, stacklevel=2)
+        os.environ["DITKIT_COMPILE_CACHE"] = "off"
+        return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path
 

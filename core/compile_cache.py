@@ -8,18 +8,51 @@ Triton's caches. :meth:`Pipeline.save_compile_cache` writes one with
 a bundle holds only what was compiled before it was saved. A bundle of another key is never
 loaded; inside a bundle, entries are content-addressed by graph and shapes, so one that does not
 fit a call is simply unused. Dynamo still traces every graph in the new process.
+
+Caches never stop a run: a folder that cannot be written (read-only, a file in the way) and a
+bundle that cannot be read (truncated, empty, garbage) are each one :class:`CompileCacheWarning`,
+and the run goes on without them (an unreadable bundle is rewritten by the next save).
+:func:`check_compile_caches` checks every cache path before any work (``ditkit run``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["bundle_key", "bundle_path", "load_bundle", "save_bundle"]
+__all__ = ["CompileCacheWarning", "bundle_key", "bundle_path", "load_bundle", "save_bundle", "open_bundle",
+           "unwritable_reason", "check_compile_caches"]
+
+
+class CompileCacheWarning(UserWarning):
+    """A compile cache that cannot be written or read; the run goes on without it."""
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why no cache file can be written in ``folder`` (it is a file, a file is in its path, it is
+    not writable), or ``None`` when one can: the folder is created (``mkdir -p``) and a probe file
+    written and removed, the only test that sees read-only mounts and ACLs."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ditkit-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def bundle_key(pipe, options: dict) -> dict:
@@ -46,12 +79,46 @@ def bundle_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     return Path(cache_dir) / f"{key['model'] or 'pipeline'}-{digest}.compile-cache"
 
 
-def load_bundle(path: Path) -> bool:
-    """Load the bundle at ``path`` if it exists; True when it did."""
+@contextlib.contextmanager
+def _torch_cache_log_silenced():
+    """torch logs a traceback for a bundle it cannot un-pickle; ditkit reports it in one line."""
+    log = logging.getLogger("torch.compiler._cache")
+    previous, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = previous
+
+
+def load_bundle(path: Path) -> str:
+    """Load the bundle at ``path``: ``"loaded"``, ``"absent"`` (no file) or ``"unreadable"``
+    (empty, truncated or not a bundle; nothing was loaded)."""
     if not path.is_file():
-        return False
-    torch.compiler.load_cache_artifacts(path.read_bytes())
-    return True
+        return "absent"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "unreadable"
+    if not data:
+        return "unreadable"
+    with _torch_cache_log_silenced():
+        try:
+            info = torch.compiler.load_cache_artifacts(data)
+        except Exception:  # noqa: BLE001 - whatever torch makes of foreign bytes, the bundle is unusable
+            return "unreadable"
+    return "loaded" if info is not None else "unreadable"
+
+
+def open_bundle(pipe, cache_dir: str | os.PathLike, options: dict, components: list[str]) -> tuple[Path, dict, str]:
+    """The bundle of ``pipe`` compiled with ``options`` in ``cache_dir``, loaded when it exists:
+    ``(path, key, status of load_bundle)``; an unreadable one is a :class:`CompileCacheWarning`."""
+    key = {**bundle_key(pipe, options), "components": sorted(components)}
+    path = bundle_path(cache_dir, key)
+    status = load_bundle(path)
+    if status == "unreadable":
+        warnings.warn(f"compile cache {str(path)!r} is unreadable (empty, truncated or not a bundle) and was "
+                      f"ignored; save_compile_cache() rewrites it", CompileCacheWarning, stacklevel=3)
+    return path, key, status
 
 
 def save_bundle(path: Path, key: dict) -> Path | None:
@@ -67,3 +134,22 @@ def save_bundle(path: Path, key: dict) -> Path | None:
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(key, indent=2, sort_keys=True))
     return path
+
+
+def check_compile_caches(bundle_dir: str | os.PathLike | None) -> str | None:
+    """Every compile cache a compiling run writes, checked before any work: the persistent kernel
+    cache (``DITKIT_COMPILE_CACHE`` or its default; see :func:`core.compile.persistent_cache_dir`,
+    which turns one it cannot write off for the process, so it is reported once) and the bundle
+    folder. Each that cannot be written is one :class:`CompileCacheWarning`. Returns ``bundle_dir``,
+    or ``None`` when it cannot be written (compile without a bundle)."""
+    from .compile import persistent_cache_dir
+
+    persistent_cache_dir()
+    if bundle_dir is None:
+        return None
+    problem = unwritable_reason(bundle_dir)
+    if problem:
+        warnings.warn(f"--compile-cache {str(bundle_dir)!r} cannot be written ({problem}); compiling without a "
+                      f"portable bundle", CompileCacheWarning, stacklevel=2)
+        return None
+    return str(bundle_dir)

@@ -148,8 +148,10 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
         pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin)
     _attach(pipe, spec, chosen, _plugin)
     if use_usp:
+        from .declarations import check_declarations
         from .parallel import attach_usp
 
+        check_declarations(pipe, compile=False)  # a wrong submodule name: a PluginError before the mesh starts
         attach_usp(pipe, config=dict(chosen.config), **usp_options)
     return pipe
 
@@ -188,11 +190,12 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
     return pipe
 
 
-def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *, prompt: str = "x", **call) -> None:
+def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *, prompt: str = "x", **call) -> Pipeline:
     """Check a ``core.load(name, ...)(prompt, **call)`` request without loading weights or
     allocating: the model, preset, device, dtype and the generation arguments (``check_inputs`` of
     the pipeline built on the meta device). ``ditkit run`` calls this before any work and before
-    spawning ranks, so a bad argument is one error line, not one traceback per rank."""
+    spawning ranks, so a bad argument is one error line, not one traceback per rank. Returns the
+    pipeline built on the meta device (for further checks of the plugin's declarations)."""
     record = get_registry().model(name)
     spec = record.spec
     preset_name = preset or spec.default_preset
@@ -218,3 +221,4 @@ def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *,
     estimated = meta.estimate_bytes(args)
     if estimated:
         guards.check_fits(int(estimated), dev, f"{args.get('height')}x{args.get('width')} with {type(meta).__name__}")
+    return meta

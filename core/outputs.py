@@ -7,7 +7,8 @@ Ctrl-C and (through the CLI's handler) SIGTERM; one left by a process killed out
 removed by the next write to the same path, once its pid is gone. :func:`check_output_path`
 runs every check that needs no data (suffix for the output kind, a directory in the way, the
 folder writable) so the CLI fails before any work. Encoders run single-threaded with fixed
-options: the same tensors give the same bytes.
+options and fixed container metadata, and the MP4 encoder with fixed fresh heap contents
+(:mod:`core.heap_fill`, glibc): the same tensors give the same bytes, in any process.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Iterator
 import torch
 
 from .errors import OutputError
+from .heap_fill import fixed_heap_fill
 
 __all__ = ["check_output_path", "Output", "write_output", "register_writer", "atomic_path", "to_uint8", "write_png", "write_mp4", "write_wav"]
 
@@ -169,7 +171,8 @@ def write_mp4(output: Output, path: Path, *, crf: int = 18) -> list[Path]:
     rate = Fraction(fps).limit_denominator(1001)
     for i, p in enumerate(paths):
         frames = _even_pad(to_uint8(video[i]).permute(1, 2, 3, 0).contiguous()).numpy()  # (F, H, W, 3)
-        with atomic_path(p) as tmp:
+        # fixed heap contents: x264 reads memory it never wrote on some inputs (core.heap_fill)
+        with atomic_path(p) as tmp, fixed_heap_fill():
             # bitexact: no encoder version strings or wall-clock fields in the file, deterministic coding
             with av.open(str(tmp), mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
                 stream = container.add_stream("libx264", rate=rate)

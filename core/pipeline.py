@@ -127,22 +127,26 @@ class Pipeline:
         if absent:
             raise CompileError(f"compilable component(s) {absent} are not nn.Module attributes of {type(self).__name__}")
         options = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, **kwargs}
-        loaded = None
+        loaded = unreadable = None
         if cache_dir is not None:
-            from .compile_cache import bundle_key, bundle_path, load_bundle
+            from .compile_cache import open_bundle
 
-            key = {**bundle_key(self, options), "components": sorted(names)}
-            path = bundle_path(cache_dir, key)
+            path, key, status = open_bundle(self, cache_dir, options, names)  # unreadable: a warning, ignored
             self._compile_bundle = (path, key)
-            loaded = str(path) if load_bundle(path) else None
+            loaded, unreadable = (str(path) if status == s else None for s in ("loaded", "unreadable"))
         spec = self.spec
-        report = compile_components(
-            {n: components[n] for n in names},
-            repeated_blocks=dict(spec.repeated_blocks) if spec is not None else {},
-            methods=dict(spec.compiled_methods) if spec is not None else {},
-            options=options,
-        )
-        report.bundle_loaded = loaded
+        try:
+            report = compile_components(
+                {n: components[n] for n in names},
+                repeated_blocks=dict(spec.repeated_blocks) if spec is not None else {},
+                methods=dict(spec.compiled_methods) if spec is not None else {},
+                options=options,
+            )
+        except CompileError as exc:  # a wrong declaration: say whose
+            from .declarations import declared_by
+
+            raise CompileError(f"{declared_by(self)}: {exc}") from None
+        report.bundle_loaded, report.bundle_unreadable = loaded, unreadable
         self.compile_report = report
         return report
 

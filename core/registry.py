@@ -134,16 +134,21 @@ class Registry:
         return self
 
     def _load_entry_point(self, ep: md.EntryPoint, dist: str) -> None:
+        from .interrupts import watch_sigint
+
         version = ep.dist.version if ep.dist is not None else "?"
         refused = contract.distribution_problem(ep.dist)  # before its import: it may need names this ditkit lacks
         if refused:
             self._fail(ep.name, dist, refused)
             return
-        try:
-            plugin = ep.load()
-        except (Exception, SystemExit) as exc:  # any import-time failure of a third-party plugin, exit() included
-            self._fail(ep.name, dist, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}", exc)
-            return
+        with watch_sigint() as sigint:
+            try:
+                plugin = ep.load()
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # any import-time failure, exit() included
+                if sigint.is_users(exc):  # the user's Ctrl-C, not the plugin's own KeyboardInterrupt
+                    raise
+                self._fail(ep.name, dist, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}", exc)
+                return
         self.add_plugin(plugin, name=ep.name, distribution=dist, version=version)
 
     def _fail(self, plugin: str, dist: str, message: str, exc: BaseException | None = None) -> None:

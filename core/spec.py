@@ -297,6 +297,8 @@ class ModelSpec(_Record):
     ``pipeline`` is the factory: ``pipeline(config, *, device, dtype, weights, **options)`` returns a
     :class:`core.pipeline.Pipeline`; ``config`` is the chosen preset's ``config``; ``weights`` is the
     checkpoint directory (``None`` for random-weight presets, then the factory seeds its own init).
+    It may be given as ``"module:attr"`` (a :class:`core.lazy.ImportRef`, imported when a model is
+    first built), so that declaring the model does not import the pipeline's code.
     """
 
     name: str
@@ -324,6 +326,15 @@ class ModelSpec(_Record):
     """The plugin contract versions this model works with, as a version specifier (``">=1.1,<2"``;
     see ``docs/contract.md``). The registry refuses the model, naming it, this requirement and the
     running :data:`core.CONTRACT_VERSION`, when they do not match. Unset: no requirement."""
+
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pipeline_ref(cls, v):
+        if isinstance(v, str):
+            from .lazy import ImportRef
+
+            return ImportRef(v)
+        return v
 
     @field_validator("name")
     @classmethod

@@ -84,10 +84,10 @@ def test_generation_input_is_an_input_error_naming_the_argument(case_id, model, 
 
 
 CLI_GENERATION_CASES = [
-    ("guidance-nan", ["--guidance-scale", "nan"], "guidance_scale"),
-    ("guidance-inf", ["--guidance-scale", "inf"], "guidance_scale"),
-    ("seed-2**70", ["--seed", str(2**70)], "seed"),
-    ("steps-10**12", ["--steps", str(10**12)], "num_inference_steps"),
+    ("guidance-nan", ["--guidance-scale", "nan"], "--guidance-scale"),  # the flag typed, not the Python name
+    ("guidance-inf", ["--guidance-scale", "inf"], "--guidance-scale"),
+    ("seed-2**70", ["--seed", str(2**70)], "--seed"),
+    ("steps-10**12", ["--steps", str(10**12)], "--steps"),
     ("device-nosuch", ["--device", "nosuch"], "nosuch"),
     ("device-cuda-on-cpu-torch", ["--device", "cuda"], "cuda"),
     ("dtype-nosuch", ["--dtype", "float7"], "float7"),

@@ -10,13 +10,28 @@ from core.errors import InputError
 pytestmark = pytest.mark.slow
 
 
+MEASURED = []
+"""The variant of every measured step of the module's bench, in the order they ran."""
+
+
 @pytest.fixture(scope="module")
 def report(example_site):
+    from core import bench
+
+    measure = bench._Run.measure_step
+
+    def recorded(run, call):
+        MEASURED.append(run.variant)
+        return measure(run, call)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(example_site))
         mp.setattr(core.registry, "_registry", None)
-        yield run_bench("example-dit", device="cpu", compare=("eager", "regional"), steps=3, progress=False,
-                        height=40, width=56)
+        with pytest.MonkeyPatch.context() as recording:
+            recording.setattr(bench._Run, "measure_step", recorded)
+            result = run_bench("example-dit", device="cpu", compare=("eager", "regional"), steps=3, progress=False,
+                               height=40, width=56)
+        yield result
 
 
 def test_bench_reports_each_variant_with_ratio_graphs_and_tokens(report):
@@ -46,3 +61,21 @@ def test_bench_cli_writes_json(example_site, tmp_path, monkeypatch, capsys):
     assert "example-dit" in capsys.readouterr().out
     with pytest.raises(InputError, match="fast"):
         run_bench("example-dit", compare=("fast",))
+
+
+def test_bench_interleaves_the_measured_steps_and_reports_their_spread(report):
+    assert MEASURED == ["eager", "regional"] * 3 and report["order"] == "round-robin"
+    for r in report["results"]:
+        times = r["step_times_s"]
+        assert (r["step_min_s"], r["step_max_s"]) == (pytest.approx(min(times), abs=1e-5), pytest.approx(max(times), abs=1e-5))
+        assert r["spread"] == pytest.approx(r["step_max_s"] / r["step_min_s"], rel=1e-3)
+
+
+def test_bench_table_flags_a_variant_whose_steps_spread_past_the_limit(report):
+    quiet = format_bench(report | {"results": [r | {"spread": 1.1} for r in report["results"]]})
+    assert "!" not in quiet and "min" in quiet and "max/min" in quiet
+    noisy = [r | {"spread": 2.62, "step_min_s": 0.45, "step_max_s": 1.18} if r["variant"] == "eager" else r | {"spread": 1.1}
+             for r in report["results"]]
+    table = format_bench(report | {"results": noisy})
+    (note,) = [line for line in table.splitlines() if line.startswith("!")]
+    assert "eager" in note and "2.62" in note and "1.3" in note and "2.62!" in table

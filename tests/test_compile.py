@@ -185,6 +185,23 @@ def test_portable_compile_cache_bundle_is_keyed_saved_after_warm_up_and_loaded(p
         eager.save_compile_cache()
 
 
+def test_unreadable_bundle_is_one_warning_ignored_without_traceback_and_rewritten(pipes, tmp_path, capfd):
+    from core.compile_cache import CompileCacheWarning, load_bundle
+
+    pipe = core.load("example-dit")
+    pipe.compile_pipeline(cache_dir=tmp_path)
+    saved = pipe.save_compile_cache()  # what this process compiled so far (the fixture's run): a real bundle
+    good = saved.read_bytes()
+    for bad in (good[: len(good) // 2], b"", b"\x80not a bundle" * 50):  # truncated, empty, garbage
+        saved.write_bytes(bad)
+        with pytest.warns(CompileCacheWarning, match="unreadable") as caught:
+            report = core.load("example-dit").compile_pipeline(cache_dir=tmp_path)
+        assert len(caught) == 1 and report.bundle_loaded is None and report.bundle_unreadable == str(saved)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "un-pickle" not in err  # torch's own report is silenced
+    assert pipe.save_compile_cache() == saved and load_bundle(saved) == "loaded"  # the next save rewrites it
+
+
 def test_a_block_fed_a_view_at_first_holds_one_graph():
     """The core, not the plugin, hands repeated blocks inputs that are not views: a model whose
     first block receives a slice (as a plugin with its own attention processor may) still holds one

@@ -321,19 +321,15 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out if "--usp" in out else [*out, "--usp"]
 
 
-def _cli_rank(argv: list[str]) -> int:
-    from core.cli import main
-
-    # errors are raised, not printed: the launcher reports the first failing rank in one line
-    return main(argv, raise_errors=True)
-
-
-def relaunch_cli(nproc: int, argv: list[str], timeout: float | None = None) -> int:
+def relaunch_cli(nproc: int, argv: list[str], timeout: float | None = None, *,
+                 entry: Callable[[list[str]], int]) -> int:
     """``ditkit ... --nproc N``: rerun the same command line on N local ranks with ``--usp``.
 
-    Returns rank 0's exit status; a rank's failure is raised as :class:`RankFailed`
-    (``timeout``: ``DITKIT_LAUNCH_TIMEOUT`` seconds, default 3600; a silent rank ends the job
-    after ``DITKIT_HEARTBEAT_TIMEOUT`` seconds, default 60).
+    ``entry(argv)`` runs the command line on each rank and raises its errors (the CLI passes its
+    own ``main`` in that mode; the launcher never imports the CLI). Returns rank 0's exit status;
+    a rank's failure is raised as :class:`RankFailed` (``timeout``: ``DITKIT_LAUNCH_TIMEOUT``
+    seconds, default 3600; a silent rank ends the job after ``DITKIT_HEARTBEAT_TIMEOUT`` seconds,
+    default 60).
     """
     if timeout is None:
         raw = os.environ.get("DITKIT_LAUNCH_TIMEOUT", "3600")
@@ -341,4 +337,4 @@ def relaunch_cli(nproc: int, argv: list[str], timeout: float | None = None) -> i
             timeout = float(raw)
         except ValueError:
             raise ParallelError(f"DITKIT_LAUNCH_TIMEOUT={raw!r} is not a number of seconds") from None
-    return launch(_cli_rank, nproc, args=(_strip_nproc(list(argv)),), timeout=timeout)
+    return launch(entry, nproc, args=(_strip_nproc(list(argv)),), timeout=timeout)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..contract import RENAMED_ARGUMENTS
+from ..errors import PluginError
 from ..registry import ModelRecord, Registry, get_registry
 from ..spec import ModelSpec
 
@@ -55,9 +56,11 @@ class Subject:
     def declared_arguments(self) -> set[str]:
         """Generation arguments as the pipeline declares them: the base call's, the class defaults'
         and every preset's defaults' keys, in the plugin's own names."""
+        from ..lazy import ImportRef
         from ..pipeline import Pipeline
 
-        cls = self.spec.pipeline if isinstance(self.spec.pipeline, type) else type(self.pipe())
+        factory = self.spec.pipeline.resolve() if isinstance(self.spec.pipeline, ImportRef) else self.spec.pipeline
+        cls = factory if isinstance(factory, type) else type(self.pipe())
         presets = {k for p in self.spec.presets.values() for k in p.defaults}
         return {*getattr(cls, "base_arguments", Pipeline.base_arguments), *getattr(cls, "defaults", {}), *presets}
 
@@ -89,6 +92,19 @@ class Subject:
 
 
 def import_plugin(ref: str):
+    """The plugin object ``ref`` names (``"module"`` or ``"module:attr"``); a module that does not
+    import, or lacks the attribute, is a :class:`PluginError` naming it."""
+    from ..interrupts import watch_sigint
+
     module, _, attr = ref.partition(":")
-    obj = importlib.import_module(module)
+    with watch_sigint() as sigint:
+        try:
+            obj = importlib.import_module(module)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a plugin's own import-time failure included
+            if sigint.is_users(exc):
+                raise
+            hint = " (is it installed, or on PYTHONPATH?)" if isinstance(exc, ModuleNotFoundError) else ""
+            raise PluginError(f"cannot import plugin module {module!r}: {type(exc).__name__}: {exc}{hint}") from exc
+    if attr and not hasattr(obj, attr):
+        raise PluginError(f"plugin module {module!r} has no attribute {attr!r}")
     return getattr(obj, attr) if attr else obj

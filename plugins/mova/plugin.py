@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,8 +39,10 @@ from plugins.wan.vae import WAN21_VAE_CONFIG, WAN21_VAE_TINY_CONFIG, WAN21_LATEN
 from .audio_dit import AUDIO_DIT_RELEASE, AudioDiTConfig
 from .bridge import BRIDGE_RELEASE, BridgeConfig
 from .dac import DAC_RELEASE, DACConfig
-from .pipeline import MovaPipeline
 from .scheduler import RELEASED_SCHEDULER
+
+if TYPE_CHECKING:  # the pipeline's code is imported when a model is built, not to declare it
+    from .pipeline import MovaPipeline
 
 __all__ = ["model_spec", "write_checkpoint", "umt5_key", "MODEL_FILE", "TEXT_ENCODER_FILE", "FOLDERS"]
 
@@ -217,7 +220,7 @@ def model_spec(name: str) -> ModelSpec:
         name=name,
         aliases=aliases,
         description=f"MOVA image+text to video with synchronised 48 kHz audio ({height}x{width} default)",
-        pipeline=MovaPipeline,
+        pipeline="plugins.mova.pipeline:MovaPipeline",  # imported when a model is built
         presets={
             "tiny": Preset(description="tiny towers, bridge, VAEs and umT5; seeded random weights, CPU seconds",
                            config=_config(tiny=True), random_weights=True, defaults=_TINY_DEFAULTS),

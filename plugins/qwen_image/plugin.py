@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,8 +32,10 @@ from plugins.wan.diffusers_vae_keys import to_diffusers
 from plugins.wan.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 from .dit import QwenImageDiTConfig
-from .pipeline import QwenImagePipeline
 from .text_encoder import MAX_PROMPT_TOKENS, QWEN25VL_7B_CONFIG, full_model_state, tiny_text_encoder_config
+
+if TYPE_CHECKING:  # the pipeline's code is imported when a model is built, not to declare it
+    from .pipeline import QwenImagePipeline
 
 TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_FILE = "text_encoder/model.safetensors"
@@ -165,7 +168,7 @@ def model_spec() -> ModelSpec:
         name="qwen-image",
         aliases=["qwen", "qwen-image-t2i"],
         description="Qwen-Image text-to-image: 20B double-stream DiT, Qwen2.5-VL-7B text encoder, Wan2.1 VAE",
-        pipeline=QwenImagePipeline,
+        pipeline="plugins.qwen_image.pipeline:QwenImagePipeline",  # imported when a model is built
         presets={
             "tiny": Preset(description="tiny DiT/Qwen2.5-VL/VAE of the same classes, seeded random weights, CPU seconds",
                            config=_config(tiny=True), random_weights=True, defaults=tiny_defaults),

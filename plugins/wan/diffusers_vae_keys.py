@@ -17,27 +17,17 @@ Public functions (names are stable; other plugins import them):
 * :func:`to_official` / :func:`to_diffusers` ``(state_dict) -> dict``: both applied to a whole
   state dict.
 
-The renaming, for the default ``num_res_blocks=2`` (every published checkpoint); both sides have
-194 tensors with identical shapes:
-
-==========================================  =====================================================
-official (``WanVAE``)                       diffusers
-==========================================  =====================================================
-``{encoder,decoder}.conv1``                 ``{encoder,decoder}.conv_in``
-``encoder.downsamples.i``                   ``encoder.down_blocks.i`` (same flat index)
-``decoder.upsamples.4b+j`` (j = 0, 1, 2)    ``decoder.up_blocks.b.resnets.j``
-``decoder.upsamples.4b+3``                  ``decoder.up_blocks.b.upsamplers.0``
-``*.middle.0`` / ``.1`` / ``.2``            ``*.mid_block.resnets.0`` / ``.attentions.0`` / ``.resnets.1``
-``*.head.0`` / ``*.head.2``                 ``*.norm_out`` / ``*.conv_out``
-``conv1`` / ``conv2`` (top level)           ``quant_conv`` / ``post_quant_conv``
-in a residual block: ``residual.0/2/3/6``,  ``norm1`` / ``conv1`` / ``norm2`` / ``conv2``,
-``shortcut``                                ``conv_shortcut``
-==========================================  =====================================================
-
-Names inside attention (``norm.gamma``, ``to_qkv``, ``proj``) and resamplers (``resample.1``,
-``time_conv``) are the same on both sides. ``decoder.upsamples`` groups ``num_res_blocks + 1``
-residual blocks and one upsampler per stage, so the flat index depends on ``num_res_blocks``;
-every function takes it as a keyword (default 2).
+The renaming is one table, :data:`RENAMES` (with :data:`BLOCK_RENAMES` inside residual blocks),
+of ``(official template, diffusers template)`` pairs that both functions read, each in its own
+direction: ``conv1``/``conv2`` at the top are ``quant_conv``/``post_quant_conv``; an encoder's or
+decoder's ``conv1``/``head.0``/``head.2`` are ``conv_in``/``norm_out``/``conv_out``;
+``middle.0/1/2`` are ``mid_block.resnets.0``/``attentions.0``/``resnets.1``; ``encoder.downsamples.i``
+is ``encoder.down_blocks.i``; ``decoder.upsamples`` groups ``num_res_blocks + 1`` residual blocks and
+one upsampler per stage under one flat index, which diffusers splits into
+``up_blocks.<stage>.resnets.<j>`` and ``up_blocks.<stage>.upsamplers.0`` (so every function takes
+``num_res_blocks``, default 2, as in every published checkpoint: 194 tensors on both sides, with
+identical shapes). Names inside attention (``norm.gamma``, ``to_qkv``, ``proj``) and resamplers
+(``resample.1``, ``time_conv``) are the same on both sides.
 
 A key that is not a Wan2.1 VAE key in the source naming is returned unchanged, so the weights
 loader reports it as an unexpected key under its checkpoint name instead of failing here.
@@ -51,24 +41,81 @@ __all__ = ["official_key", "diffusers_key", "to_official", "to_diffusers"]
 
 T = TypeVar("T")
 
-# inside a residual block: official Sequential index -> diffusers attribute
-_RES_TO_DIFFUSERS = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2",
-                     "residual.6": "conv2", "shortcut": "conv_shortcut"}
-_RES_TO_OFFICIAL = {v: k for k, v in _RES_TO_DIFFUSERS.items()}
-_MID_TO_DIFFUSERS = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
-_MID_TO_OFFICIAL = {v: k for k, v in _MID_TO_DIFFUSERS.items()}
-_TOP_TO_DIFFUSERS = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
-_TOP_TO_OFFICIAL = {v: k for k, v in _TOP_TO_DIFFUSERS.items()}
-_HEAD_TO_DIFFUSERS = {"head.0": "norm_out", "head.2": "conv_out", "conv1": "conv_in"}
-_HEAD_TO_OFFICIAL = {v: k for k, v in _HEAD_TO_DIFFUSERS.items()}
+RENAMES: tuple[tuple[str, str], ...] = (
+    ("conv1.{wb}", "quant_conv.{wb}"),
+    ("conv2.{wb}", "post_quant_conv.{wb}"),
+    ("{side}.conv1.{rest}", "{side}.conv_in.{rest}"),
+    ("{side}.head.0.{rest}", "{side}.norm_out.{rest}"),
+    ("{side}.head.2.{rest}", "{side}.conv_out.{rest}"),
+    ("{side}.middle.0.{block}", "{side}.mid_block.resnets.0.{block}"),
+    ("{side}.middle.1.{rest}", "{side}.mid_block.attentions.0.{rest}"),
+    ("{side}.middle.2.{block}", "{side}.mid_block.resnets.1.{block}"),
+    ("encoder.downsamples.{i}.{block}", "encoder.down_blocks.{i}.{block}"),
+    ("decoder.upsamples.{resnet}.{block}", "decoder.up_blocks.{stage}.resnets.{j}.{block}"),
+    ("decoder.upsamples.{upsampler}.{rest}", "decoder.up_blocks.{stage}.upsamplers.0.{rest}"),
+)
+"""The one renaming table, ``(official template, diffusers template)``, read left to right by
+:func:`diffusers_key` and right to left by :func:`official_key`. Fields: ``side`` is ``encoder``
+or ``decoder``; ``wb`` ``weight`` or ``bias``; ``rest`` any tail; ``i``, ``stage``, ``j`` indices;
+``block`` the tail inside a block (renamed by :data:`BLOCK_RENAMES` where it is a residual
+block's, unchanged otherwise: resamplers). ``resnet`` / ``upsampler`` are the flat index into
+``decoder.upsamples``: ``stage · (num_res_blocks + 2) + j`` for residual block ``j`` of a stage,
+``stage · (num_res_blocks + 2) + num_res_blocks + 1`` for its upsampler."""
+
+BLOCK_RENAMES: tuple[tuple[str, str], ...] = (
+    ("residual.0", "norm1"), ("residual.2", "conv1"), ("residual.3", "norm2"), ("residual.6", "conv2"),
+    ("shortcut", "conv_shortcut"),
+)
+"""Inside a residual block: official ``Sequential`` index or attribute, diffusers attribute."""
+
+_FIELDS = {"side": r"encoder|decoder", "wb": r"weight|bias", "rest": r".+", "block": r".+", "i": r"\d+",
+           "stage": r"\d+", "j": r"\d+", "resnet": r"\d+", "upsampler": r"\d+"}
 
 
-def _res_inner(rest: str, table: dict[str, str]) -> str | None:
-    """Rename the part of a key inside a residual block (``residual.2.weight`` ↔ ``conv1.weight``)."""
-    for src, dst in table.items():
-        if rest.startswith(src + "."):
-            return dst + rest[len(src):]
-    return None
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})" for k, p in enumerate(parts)))
+
+
+_COMPILED = [((official, _pattern(official)), (diffusers, _pattern(diffusers))) for official, diffusers in RENAMES]
+
+
+def _rename_block(tail: str, to_diffusers: bool) -> str:
+    for official, diffusers in BLOCK_RENAMES:
+        src, dst = (official, diffusers) if to_diffusers else (diffusers, official)
+        if tail.startswith(src + "."):
+            return dst + tail[len(src):]
+    return tail
+
+
+def _indices(fields: dict[str, str], per_stage: int) -> dict[str, str] | None:
+    """Add the other side's index fields (``resnet``/``upsampler`` ↔ ``stage``, ``j``); ``None``
+    when a flat ``decoder.upsamples`` index is not of the kind (residual block, upsampler) the rule names."""
+    out = dict(fields)
+    for flat, is_upsampler in (("resnet", False), ("upsampler", True)):
+        if flat in fields:  # official -> diffusers
+            stage, j = divmod(int(fields[flat]), per_stage)
+            if (j == per_stage - 1) != is_upsampler:
+                return None
+            out.update(stage=str(stage), j=str(j))
+    if "stage" in fields:  # diffusers -> official
+        flat = int(fields["stage"]) * per_stage + int(fields.get("j", per_stage - 1))
+        out.update(resnet=str(flat), upsampler=str(flat))
+    return out
+
+
+def _convert(key: str, to_diffusers: bool, num_res_blocks: int) -> str:
+    """``key`` renamed by the first rule of :data:`RENAMES` whose source side matches; unchanged when none does."""
+    for official, diffusers in _COMPILED:
+        (_, source), (target, _) = (official, diffusers) if to_diffusers else (diffusers, official)
+        m = source.fullmatch(key)
+        fields = _indices(m.groupdict(), num_res_blocks + 2) if m else None
+        if fields is None:
+            continue
+        if "block" in fields:
+            fields["block"] = _rename_block(fields["block"], to_diffusers)
+        return target.format(**fields)
+    return key
 
 
 def official_key(key: str, *, num_res_blocks: int = 2) -> str:
@@ -79,35 +126,7 @@ def official_key(key: str, *, num_res_blocks: int = 2) -> str:
     >>> official_key("encoder.down_blocks.3.conv_shortcut.bias")
     'encoder.downsamples.3.shortcut.bias'
     """
-    top, _, rest = key.partition(".")
-    if top in _TOP_TO_OFFICIAL and rest in ("weight", "bias"):
-        return f"{_TOP_TO_OFFICIAL[top]}.{rest}"
-    if top not in ("encoder", "decoder"):
-        return key
-    m = re.match(r"^(conv_in|norm_out|conv_out)\.(.+)$", rest)
-    if m:
-        return f"{top}.{_HEAD_TO_OFFICIAL[m.group(1)]}.{m.group(2)}"
-    m = re.match(r"^mid_block\.(resnets\.\d+|attentions\.\d+)\.(.+)$", rest)
-    if m and m.group(1) in _MID_TO_OFFICIAL:
-        idx, inner = _MID_TO_OFFICIAL[m.group(1)], m.group(2)
-        if m.group(1).startswith("resnets"):
-            inner = _res_inner(inner, _RES_TO_OFFICIAL) or inner
-        return f"{top}.middle.{idx}.{inner}"
-    if top == "encoder":
-        m = re.match(r"^down_blocks\.(\d+)\.(.+)$", rest)
-        if m:
-            inner = _res_inner(m.group(2), _RES_TO_OFFICIAL) or m.group(2)
-            return f"encoder.downsamples.{m.group(1)}.{inner}"
-        return key
-    per_stage = num_res_blocks + 2  # residual blocks + one upsampler
-    m = re.match(r"^up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)
-    if m:
-        inner = _res_inner(m.group(3), _RES_TO_OFFICIAL) or m.group(3)
-        return f"decoder.upsamples.{int(m.group(1)) * per_stage + int(m.group(2))}.{inner}"
-    m = re.match(r"^up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", rest)
-    if m:
-        return f"decoder.upsamples.{int(m.group(1)) * per_stage + per_stage - 1}.{m.group(2)}"
-    return key
+    return _convert(key, to_diffusers=False, num_res_blocks=num_res_blocks)
 
 
 def diffusers_key(key: str, *, num_res_blocks: int = 2) -> str:
@@ -118,34 +137,7 @@ def diffusers_key(key: str, *, num_res_blocks: int = 2) -> str:
     >>> diffusers_key("conv2.bias")
     'post_quant_conv.bias'
     """
-    top, _, rest = key.partition(".")
-    if top in _TOP_TO_DIFFUSERS and rest in ("weight", "bias"):
-        return f"{_TOP_TO_DIFFUSERS[top]}.{rest}"
-    if top not in ("encoder", "decoder"):
-        return key
-    m = re.match(r"^(conv1|head\.0|head\.2)\.(.+)$", rest)
-    if m:
-        return f"{top}.{_HEAD_TO_DIFFUSERS[m.group(1)]}.{m.group(2)}"
-    m = re.match(r"^middle\.(\d)\.(.+)$", rest)
-    if m and m.group(1) in _MID_TO_DIFFUSERS:
-        inner = m.group(2)
-        if m.group(1) != "1":
-            inner = _res_inner(inner, _RES_TO_DIFFUSERS) or inner
-        return f"{top}.mid_block.{_MID_TO_DIFFUSERS[m.group(1)]}.{inner}"
-    if top == "encoder":
-        m = re.match(r"^downsamples\.(\d+)\.(.+)$", rest)
-        if m:
-            inner = _res_inner(m.group(2), _RES_TO_DIFFUSERS) or m.group(2)
-            return f"encoder.down_blocks.{m.group(1)}.{inner}"
-        return key
-    m = re.match(r"^upsamples\.(\d+)\.(.+)$", rest)
-    if m:
-        stage, j = divmod(int(m.group(1)), num_res_blocks + 2)
-        if j == num_res_blocks + 1:
-            return f"decoder.up_blocks.{stage}.upsamplers.0.{m.group(2)}"
-        inner = _res_inner(m.group(2), _RES_TO_DIFFUSERS) or m.group(2)
-        return f"decoder.up_blocks.{stage}.resnets.{j}.{inner}"
-    return key
+    return _convert(key, to_diffusers=True, num_res_blocks=num_res_blocks)
 
 
 def to_official(state_dict: Mapping[str, T], *, num_res_blocks: int = 2) -> dict[str, T]:

@@ -29,7 +29,6 @@ from core.spec import (
 )
 
 from .dit import WAN_DIT_CONFIGS, WanDiTConfig
-from .pipeline import WanPipeline
 from .text_encoder import T5_CHECKPOINT, TOKENIZER_SUBDIR, UMT5Config
 from .vae import WAN21_VAE_CONFIG, WAN21_VAE_TINY_CONFIG
 from .vae22 import WAN22_VAE_CONFIG, WAN22_VAE_TINY_CONFIG
@@ -228,7 +227,7 @@ def model_spec(name: str) -> ModelSpec:
         name=name,
         aliases=aliases,
         description=description,
-        pipeline=WanPipeline,
+        pipeline="plugins.wan.pipeline:WanPipeline",  # imported when a model is built
         presets={
             "tiny": Preset(description="tiny DiT/VAE/umT5, seeded random weights, CPU seconds",
                            config=tiny_config, random_weights=True, defaults=tiny_defaults),

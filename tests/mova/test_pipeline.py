@@ -2,7 +2,6 @@
 fingerprints of the release configs, input checks and the mesh's head-count rule."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
@@ -14,6 +13,7 @@ from core.errors import InputError, ParallelError, WeightsError
 from core.parallel import plan_degrees
 from plugins.mova.pipeline import audio_lengths
 from plugins.mova.plugin import FOLDERS, MODEL_FILE, TEXT_ENCODER_FILE, write_checkpoint
+from tests.fingerprints import fingerprint
 
 IMAGE = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(0))
 CALL = dict(image=IMAGE, num_frames=9, num_inference_steps=2, seed=0, progress=False)
@@ -81,13 +81,6 @@ def test_expert_switch_and_cfg_run_both_towers_per_branch(pipe):
     assert calls["audio_dit"] == 8 * (1 + len(pipe.audio_dit.blocks))
 
 
-def _fingerprint(state: dict) -> str:
-    items = []
-    for k, v in state.items():
-        items += [f"{k}:{'_'.join(map(str, v.shape))}", k]
-    return hashlib.md5(",".join(sorted(items)).encode()).hexdigest()
-
-
 def test_release_key_sets_on_the_meta_device():
     """Published key-set fingerprints (recipe in plugins/mova/README.md)."""
     from plugins.wan.diffusers_vae_keys import to_diffusers
@@ -104,9 +97,9 @@ def test_release_key_sets_on_the_meta_device():
                 "video_vae": ("ccc42284ea13e1ad04693284c7a09be6", 194)}  # Wan2.1 VAE, official names
     for name, (fp, count) in expected.items():
         state = getattr(meta, name).state_dict()
-        assert (len(state), _fingerprint(state)) == (count, fp), name
+        assert (len(state), fingerprint(state)) == (count, fp), name
     # in the folder, the video VAE is in diffusers naming (AutoencoderKLWan's default key set)
-    assert _fingerprint(to_diffusers(meta.video_vae.state_dict())) == "ed4ea5824d55ec3107b09815e318123a"
+    assert fingerprint(to_diffusers(meta.video_vae.state_dict())) == "ed4ea5824d55ec3107b09815e318123a"
     assert sum(p.numel() for p in meta.dual_tower_bridge.parameters()) == 2_659_737_600
 
 

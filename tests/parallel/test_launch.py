@@ -83,7 +83,7 @@ _LAUNCHER = textwrap.dedent(
     L = importlib.import_module("core.parallel.launch")
     from tests.parallel import _fault_workers
     folder = sys.argv[1]
-    L.relaunch_cli = lambda nproc, argv, timeout=None: L.launch(_fault_workers.record_pid_and_sleep, nproc, args=(folder,), timeout=300)
+    L.relaunch_cli = lambda nproc, argv, timeout=None, entry=None: L.launch(_fault_workers.record_pid_and_sleep, nproc, args=(folder,), timeout=300)
     from core.cli import main
     sys.exit(main(["run", "wan", "--nproc", "2", "--out", folder + "/v.mp4"]))
     """

@@ -3,7 +3,6 @@ official-layout directory written by the plugin's writer, loading it through ``c
 corruption of each component's file."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -16,16 +15,9 @@ from plugins.qwen_image.pipeline import QwenImagePipeline
 from plugins.qwen_image.plugin import LAYOUT, TEXT_ENCODER_FILE, VAE_FILE, model_spec, write_checkpoint
 from plugins.qwen_image.text_encoder import text_model_key
 from plugins.wan.diffusers_vae_keys import to_diffusers
+from tests.fingerprints import fingerprint
 
 PROMPT = "a lighthouse on a cliff at dusk"
-
-
-def fingerprint(shapes: dict[str, tuple[int, ...]]) -> str:
-    """Key-set fingerprint: ``name:shape`` and ``name`` per tensor, sorted, comma-joined, MD5."""
-    parts = []
-    for name, shape in shapes.items():
-        parts += [f"{name}:{'_'.join(map(str, shape))}", name]
-    return hashlib.md5(",".join(sorted(parts)).encode()).hexdigest()
 
 
 def _shapes(module) -> dict[str, tuple[int, ...]]:

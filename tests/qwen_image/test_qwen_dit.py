@@ -8,7 +8,6 @@ so the test also shows that the padded text keys diffusers masks never matter he
 """
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 import torch
@@ -17,16 +16,9 @@ from plugins.qwen_image.dit import (QwenImageDiTConfig, QwenImageTransformer, pa
                                     unpack_latents)
 
 import diffusers  # noqa: E402  (the test extra: the parity reference)
+from tests.fingerprints import fingerprint
 
 REL_TOL = 1e-5
-
-
-def fingerprint(shapes: dict[str, tuple[int, ...]]) -> str:
-    """Key-set fingerprint: ``name:shape`` and ``name`` per tensor, sorted, comma-joined, MD5."""
-    parts = []
-    for name, shape in shapes.items():
-        parts += [f"{name}:{'_'.join(map(str, shape))}", name]
-    return hashlib.md5(",".join(sorted(parts)).encode()).hexdigest()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

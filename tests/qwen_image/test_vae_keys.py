@@ -9,7 +9,6 @@ seeded random weights written as a diffusers safetensors file, loaded through th
 from __future__ import annotations
 
 import doctest
-import hashlib
 
 import pytest
 import torch
@@ -21,17 +20,10 @@ from plugins.wan.diffusers_vae_keys import diffusers_key, official_key, to_diffu
 from plugins.wan.vae import WAN21_VAE_CONFIG, WanVAE
 
 import diffusers  # noqa: E402  (the test extra: the parity reference)
+from tests.fingerprints import fingerprint
 
 REL_TOL = 1e-5
 TINY = dict(dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temporal_downsample=(False, True, True))
-
-
-def fingerprint(shapes: dict[str, tuple[int, ...]]) -> str:
-    """Key-set fingerprint: ``name:shape`` and ``name`` for every tensor, sorted, joined, MD5."""
-    parts = []
-    for name, shape in shapes.items():
-        parts += [f"{name}:{'_'.join(map(str, shape))}", name]
-    return hashlib.md5(",".join(sorted(parts)).encode()).hexdigest()
 
 
 def _shapes(module) -> dict[str, tuple[int, ...]]:

@@ -6,7 +6,6 @@ outputs agree to float32 rounding. We assert max|ours - theirs| <= 1e-5 · max|t
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pytest
@@ -25,6 +24,7 @@ from plugins.wan.dit import (
 )
 
 import diffusers  # noqa: E402  (the test extra: the parity reference)
+from tests.fingerprints import fingerprint
 
 REL_TOL = 1e-5
 
@@ -36,15 +36,6 @@ OFFICIAL = {
     "wan2.2-i2v-a14b": (1095, 14.289, "5b013604280dd715f8457c6ed6d6a626"),
     "wan2.2-ti2v-5b": (825, 5.000, "1f5ab7703c6fc803fdded85ff040c316"),
 }
-
-
-def fingerprint(state_dict) -> str:
-    """Key-set fingerprint of docs/models.md (fingerprints)."""
-    items = []
-    for name, tensor in state_dict.items():
-        items.append(name + ":" + "_".join(str(s) for s in tensor.shape))
-        items.append(name)
-    return hashlib.md5(",".join(sorted(items)).encode()).hexdigest()
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))

@@ -3,7 +3,6 @@ parity with transformers' independent ``UMT5EncoderModel`` (float32, same weight
 ``official_to_transformers``; max abs error <= 1e-5 relative to the output scale, float32 rounding)."""
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pytest
@@ -23,14 +22,7 @@ from plugins.wan.text_encoder import (
 )
 
 import transformers  # noqa: E402  (a dependency: the tokenizer; here also the parity reference)
-
-
-def fingerprint(state_dict) -> str:
-    """Key-set fingerprint of docs/models.md (fingerprints)."""
-    items = []
-    for name, tensor in state_dict.items():
-        items += [name + ":" + "_".join(str(s) for s in tensor.shape), name]
-    return hashlib.md5(",".join(sorted(items)).encode()).hexdigest()
+from tests.fingerprints import fingerprint
 
 
 def test_xxl_official_key_layout():

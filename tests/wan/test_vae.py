@@ -19,6 +19,7 @@ a few minutes on CPU), from the repository root::
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 
 import pytest
@@ -29,16 +30,9 @@ from plugins.wan.vae import (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WAN21_VAE_CO
                              WAN21_VAE_TINY_CONFIG, RMS_norm, WanVAE, tiled_decode)
 from plugins.wan.vae22 import (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WAN22_VAE_CONFIG,
                                WAN22_VAE_TINY_CONFIG, Wan22VAE, patchify, unpatchify)
+from tests.fingerprints import fingerprint
 
 REL_TOL = 1e-5
-
-
-def fingerprint(sd: dict[str, torch.Tensor]) -> str:
-    """docs/models.md (fingerprints)."""
-    parts = []
-    for name, t in sd.items():
-        parts += [f"{name}:{'_'.join(map(str, t.shape))}", name]
-    return hashlib.md5(",".join(sorted(parts)).encode()).hexdigest()
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -15,8 +15,6 @@ from core.spec import (
     WeightsLayout,
 )
 
-from .pipeline import ExamplePipeline
-
 TINY = {"dim": 64, "heads": 4, "joint_layers": 2, "single_layers": 2, "text_dim": 32, "vae_channels": 16}
 
 
@@ -27,7 +25,7 @@ def ditkit_register_models():
             name="example-dit",
             aliases=["example"],
             description="Example text-to-image DiT with two repeated block types",
-            pipeline=ExamplePipeline,
+            pipeline="ditkit_example.pipeline:ExamplePipeline",  # imported when the model is first built
             presets={
                 "tiny": Preset(description="random weights, CPU seconds", config=TINY, random_weights=True),
                 "base": Preset(description="wider model from a checkpoint", config={**TINY, "dim": 128, "heads": 4}),

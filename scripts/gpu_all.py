@@ -291,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_all: device {args.device}{' (tiny)' if args.tiny else ''}, budget {args.budget:.0f} s, "
           f"{summary['install']}; output in {out}", flush=True)
     failed = False
+
+    def terminated(signum, frame):  # the device tool's limit: stop the stage, keep the summary
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         with open(log_path, "w") as log:
             for stage in STAGES:

@@ -4,6 +4,7 @@
     python scripts/gpu_smoke_usp.py --device cpu --small # the same checks with the CPU kernel (CI runs this)
     torchrun --nproc_per_node=2 scripts/gpu_smoke_usp.py # also the engine across 2 GPUs (NCCL)
     python scripts/gpu_smoke_usp.py --break-lse          # a deliberate zero LSE: must exit 1
+    python scripts/gpu_smoke_usp.py --json smoke.json    # also write the rows as JSON (scripts/gpu_all.py)
 
 Ring attention is only exact when each block kernel returns a *true* log-sum-exp: the ring merges
 the partial outputs of key chunks by their LSEs. So, in bf16 and fp32, at uneven lengths:
@@ -23,6 +24,7 @@ Exits 0 when every check is within tolerance, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="small shapes (seconds on a CPU)")
     parser.add_argument("--break-lse", action="store_true", help="return a zero LSE (yunchang TORCH_MATH's bug): the checks must fail")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -136,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         bad += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.3g} (tolerance {tol:g})")
     print(f"{len(rows) - bad} passed, {bad} failed")
+    if args.json:
+        env = {"torch": torch.__version__, "device": str(device), "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+        if device.type == "cuda":
+            env.update(card=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
+        checks = [{"check": name, "error": err, "tolerance": tol, "ok": err <= tol} for name, err, tol in rows]
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "checks": checks, "passed": len(rows) - bad, "failed": bad}, f, indent=2)
     return 1 if bad else 0
 
 

@@ -45,6 +45,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     use_usp: bool = False,
+    offload: str | None = None,
     **options,
 ) -> Pipeline:
     """Build the pipeline of a registered model.
@@ -54,13 +55,19 @@ def load(
     checkpoint layout (needed by presets without random weights; with a random-weight preset it
     loads a checkpoint of that preset's shapes). ``use_usp=True`` runs the components sequence-
     parallel across the ranks of the current ``torchrun`` job (options ``ulysses_degree``,
-    ``ring_degree``, ``cfg_parallel``). Other ``options`` go to the plugin's pipeline factory.
+    ``ring_degree``, ``cfg_parallel``). ``offload`` keeps weights off the device until the call that
+    uses them: ``"model"`` (per component), ``"block"`` (per repeated block, option
+    ``num_blocks_per_group``), ``"disk"`` (blocks memory-mapped in the checkpoint files; needs
+    ``weights``) or ``"auto"`` (the least that fits; :mod:`core.offload`). Other ``options`` go to
+    the plugin's pipeline factory.
     """
     record = get_registry().model(name)
-    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, _plugin=record.plugin, **options)
+    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, offload=offload,
+                     _plugin=record.plugin, **options)
 
 
 _USP_OPTIONS = ("ulysses_degree", "ring_degree", "cfg_parallel")
+_OFFLOAD_OPTIONS = ("num_blocks_per_group",)
 _FACTORY_ARGS = ("config", "device", "dtype", "weights")
 
 
@@ -74,7 +81,7 @@ def _check_options(spec, options: dict) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     known = sorted({n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-                   - set(_FACTORY_ARGS) | set(_USP_OPTIONS))
+                   - set(_FACTORY_ARGS) | set(_USP_OPTIONS) | set(_OFFLOAD_OPTIONS))
     unknown = sorted(set(options) - set(known))
     if unknown:
         import difflib
@@ -116,7 +123,7 @@ def _call_factory(spec, plugin: str | None, config, **kwargs):
 
 
 def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_usp: bool = False,
-              _plugin: str | None = None, **options) -> Pipeline:
+              offload: str | None = None, _plugin: str | None = None, **options) -> Pipeline:
     """:func:`load` for a :class:`core.spec.ModelSpec` in hand (the conformance kit, tests)."""
     preset_name = preset or spec.default_preset
     if preset_name not in spec.presets:
@@ -128,6 +135,8 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
     usp_options = {k: options.pop(k) for k in _USP_OPTIONS if k in options}
     if usp_options and not use_usp:
         raise InputError(f"{', '.join(usp_options)} need use_usp=True")
+    mode, group = _offload_request(spec, chosen, weights, device, dtype, offload, options, _plugin)
+    build_device = torch.device("cpu") if mode is not None else device  # offloaded weights live on the host
     if weights is None:
         if not chosen.random_weights:
             layout = spec.weights.description if spec.weights else ""
@@ -135,10 +144,14 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
                 f"preset {preset_name!r} of {spec.name!r} needs weights=<directory in the official layout>"
                 f"{': ' + layout if layout else ''}"
             )
-        pipe = _call_factory(spec, _plugin, dict(chosen.config), device=device, dtype=dtype, weights=None, **options)
+        pipe = _call_factory(spec, _plugin, dict(chosen.config), device=build_device, dtype=dtype, weights=None, **options)
     else:
-        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin)
+        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin, offload=(mode, group))
     _attach(pipe, spec, chosen, _plugin)
+    if mode is not None:
+        from . import offload as offloading
+
+        offloading.apply(pipe, mode, device, num_blocks_per_group=group)
     if use_usp:
         from .parallel import attach_usp
 
@@ -157,7 +170,30 @@ def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
     pipe.preset_config = dict(preset.config)
 
 
-def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None) -> Pipeline:
+def _offload_request(spec, preset, weights, device, dtype, offload, options, plugin) -> tuple[str | None, int]:
+    """The offload mode (``"auto"`` resolved against the device's free memory) and group size."""
+    from . import offload as offloading
+
+    mode = offloading.resolve_mode(offload)
+    group = offloading.check_group_size(options.pop("num_blocks_per_group", 1))
+    if mode is None and group != 1:
+        raise InputError("num_blocks_per_group needs offload='block' or 'disk'")
+    if mode == "disk" and weights is None:
+        raise InputError(f"offload='disk' keeps the weights memory-mapped in the checkpoint files, so it needs "
+                         f"weights=<directory in the official layout> (preset {spec.name!r} has none given)")
+    if mode == "auto":
+        with torch.device("meta"):
+            meta = _call_factory(spec, plugin, dict(preset.config), device=torch.device("meta"), dtype=dtype,
+                                 weights=None if weights is None else Path(weights), **options)
+        _attach(meta, spec, preset, plugin)
+        estimated = meta.estimate_bytes(meta.resolve(prompt="x"))
+        mode = offloading.choose_mode(offloading.footprint(meta, group), device, int(estimated or 0),
+                                      disk_possible=weights is not None, what=f"{spec.name!r}")
+    return mode, group
+
+
+def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None,
+                        offload: tuple[str | None, int] = (None, 1)) -> Pipeline:
     if spec.weights is None:
         raise WeightsError(f"model {spec.name!r} declares no checkpoint layout, so weights= cannot be used")
     layout = spec.weights
@@ -169,13 +205,21 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
     checked = [check_layout(root, wf, component_module(meta, wf.component)) for wf in layout.files]
     del meta
     # 2. build for real without random init, fill from the checkpoint, then move
+    mode, group = offload
     build_device = torch.device("cpu") if device.type != "cpu" else device
+    if mode == "disk":  # parameters never allocated: the blocks stay in the mapped files
+        from .offload import load_mapped, meta_parameters
+
+        with no_init_weights(), meta_parameters():
+            pipe = _call_factory(spec, plugin, config, device=build_device, dtype=dtype, weights=root, **options)
+        load_mapped(pipe, layout, root, checked, device, dict(spec.repeated_blocks), group)
+        return pipe
     with no_init_weights():
         pipe = _call_factory(spec, plugin, config, device=build_device, dtype=dtype, weights=root, **options)
     for wf, chk in zip(layout.files, checked):
         if chk is not None:
             load_component(root, wf, component_module(pipe, wf.component), checked=chk)
-    if build_device != device:
+    if build_device != device and mode is None:
         pipe.to(device)
     return pipe
 

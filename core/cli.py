@@ -67,7 +67,7 @@ def _preflight(args) -> str:
     check_output_path(out, kind)
     _check_wav(args, kind)
     check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
-               prompt=args.prompt, seed=args.seed, **_generation_args(args))
+               prompt=args.prompt, seed=args.seed, offload=args.offload, **_generation_args(args))
     return out
 
 
@@ -94,8 +94,12 @@ def _cmd_run(args) -> int:
     options = {}
     if args.usp:
         options.update(use_usp=True)
+    if args.offload:
+        options.update(offload=args.offload)
     pipe = core.load(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype, **options)
     is_main = pipe.parallel is None or pipe.parallel.is_main
+    if pipe.offload is not None and is_main:
+        print(pipe.offload)
     if out is None:
         from .outputs import check_output_path, default_output_name
 
@@ -200,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true", help="compile_pipeline() first and print its report")
     r.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="compile, loading the matching portable compile-cache bundle from DIR; save it after the run")
+    r.add_argument("--offload", default=None, choices=["model", "block", "disk", "auto"],
+                   help="keep weights off the device until the call that uses them: per component (model), per "
+                        "repeated block (block), blocks memory-mapped in the --weights files (disk), or the least "
+                        "that fits (auto)")
     r.add_argument("--usp", action="store_true", help="sequence-parallel across the ranks of this torchrun job")
     r.add_argument("--nproc", type=int, default=0, help="launch N local processes (CPU: gloo) and run with --usp")
     r.add_argument("--out", default=None, help="output file (PNG for images, MP4 for video, WAV for audio)")

@@ -174,13 +174,10 @@ def _offload_request(spec, preset, weights, device, dtype, offload, options, plu
     """The offload mode (``"auto"`` resolved against the device's free memory) and group size."""
     from . import offload as offloading
 
-    mode = offloading.resolve_mode(offload)
+    mode = offloading.resolve_mode(offload, has_weights=weights is not None)
     group = offloading.check_group_size(options.pop("num_blocks_per_group", 1))
     if mode is None and group != 1:
         raise InputError("num_blocks_per_group needs offload='block' or 'disk'")
-    if mode == "disk" and weights is None:
-        raise InputError(f"offload='disk' keeps the weights memory-mapped in the checkpoint files, so it needs "
-                         f"weights=<directory in the official layout> (preset {spec.name!r} has none given)")
     if mode == "auto":
         with torch.device("meta"):
             meta = _call_factory(spec, plugin, dict(preset.config), device=torch.device("meta"), dtype=dtype,
@@ -224,11 +221,15 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
     return pipe
 
 
-def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *, prompt: str = "x", **call) -> None:
+def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *, prompt: str = "x",
+               offload: str | None = None, **call) -> None:
     """Check a ``core.load(name, ...)(prompt, **call)`` request without loading weights or
     allocating: the model, preset, device, dtype and the generation arguments (``check_inputs`` of
-    the pipeline built on the meta device). ``ditkit run`` calls this before any work and before
+    the pipeline built on the meta device), and whether the weights the ``offload`` mode keeps on
+    the device fit with the generation. ``ditkit run`` calls this before any work and before
     spawning ranks, so a bad argument is one error line, not one traceback per rank."""
+    from . import offload as offloading
+
     record = get_registry().model(name)
     spec = record.spec
     preset_name = preset or spec.default_preset
@@ -245,12 +246,14 @@ def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *,
         check_required_paths(root, spec.weights)
     elif not chosen.random_weights:
         raise WeightsError(f"preset {preset_name!r} of {spec.name!r} needs weights=<directory in the official layout>")
+    mode = offloading.resolve_mode(offload, has_weights=root is not None)
     with torch.device("meta"):
         meta = _call_factory(spec, record.plugin, dict(chosen.config), device=torch.device("meta"), dtype=dtype, weights=root)
     _attach(meta, spec, chosen, record.plugin)
     args = meta.resolve(prompt=prompt, **call)
     meta.check_inputs(args)
-    # the size check against real memory: the meta pipeline knows the shapes, ``dev`` the room
-    estimated = meta.estimate_bytes(args)
-    if estimated:
-        guards.check_fits(int(estimated), dev, f"{args.get('height')}x{args.get('width')} with {type(meta).__name__}")
+    # the size check against real memory: the meta pipeline knows the shapes, ``dev`` the room; the
+    # weights count as the offload mode places them
+    estimated = int(meta.estimate_bytes(args) or 0)
+    offloading.check_request(meta, mode, dev, estimated, f"{args.get('height')}x{args.get('width')} with "
+                             f"{type(meta).__name__}", has_weights=root is not None)

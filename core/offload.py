@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
@@ -54,14 +55,18 @@ MODES = ("model", "block", "disk")
 CHOICES = (None, *MODES, "auto")
 
 
-def resolve_mode(offload) -> str | None:
-    """``offload`` checked: ``None``/``"none"`` → ``None``, a mode name, or ``"auto"``."""
+def resolve_mode(offload, *, has_weights: bool = True) -> str | None:
+    """``offload`` checked: ``None``/``"none"`` → ``None``, a mode name, or ``"auto"``; ``"disk"``
+    needs a checkpoint (``has_weights``)."""
     if offload is None or (isinstance(offload, str) and offload.strip().lower() in ("none", "")):
         return None
     value = offload.strip().lower() if isinstance(offload, str) else offload
     if value not in CHOICES:
         raise InputError(f"offload={offload!r} is not an offload mode; use one of None, "
                          + ", ".join(repr(c) for c in CHOICES[1:]))
+    if value == "disk" and not has_weights:
+        raise InputError("offload='disk' keeps the weights memory-mapped in the checkpoint files, so it needs "
+                         "weights=<directory in the official layout>")
     return value
 
 
@@ -161,7 +166,7 @@ class Footprint:
     total: int
     """Every parameter and buffer."""
     components: dict[str, int] = field(default_factory=dict)
-    """Per component: parameters and buffers (a module shared by two components counted in the first)."""
+    """Per component: its parameters (one shared by two components counted in the first)."""
     buffers: int = 0
     blocks: int = 0
     """Parameters that block/disk offload moves (the repeated blocks')."""
@@ -179,15 +184,17 @@ def footprint(pipe_or_components, num_blocks_per_group: int = 1, repeated_blocks
     seen: set[int] = set()
     fp = Footprint(total=0)
     for cname, module in components.items():
-        size = 0
-        for t in [*module.parameters(), *module.buffers()]:
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            size += _nbytes(t)
-        fp.components[cname] = size
-        fp.buffers += sum(_nbytes(b) for b in module.buffers())
-    fp.total = sum(fp.components.values())
+        fp.components[cname] = 0
+        for kind, tensors in (("param", module.parameters()), ("buffer", module.buffers())):
+            for t in tensors:
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                if kind == "param":
+                    fp.components[cname] += _nbytes(t)
+                else:
+                    fp.buffers += _nbytes(t)
+    fp.total = sum(fp.components.values()) + fp.buffers
     plans = _plan_units(components, "block", declared, num_blocks_per_group)
     owner = _assign(components, plans)
     sizes = [0] * len(plans)
@@ -219,7 +226,7 @@ def needed_bytes(fp: Footprint, mode: str | None, device: torch.device | str) ->
         largest = max(fp.components.values(), default=0)
         if on_cpu:
             return fp.total + largest, 0
-        return fp.buffers + largest, fp.total - fp.buffers
+        return fp.total - sum(fp.components.values()) + largest, sum(fp.components.values())
     resident = fp.total - fp.blocks
     moving = min(fp.blocks, prefetch * fp.group)
     if mode == "block":
@@ -264,6 +271,32 @@ def choose_mode(fp: Footprint, device: torch.device, activations: int = 0, *, di
         f"{format_bytes(free_device or 0)} is available"
         + ("" if disk_possible else " (offload='disk' needs weights=<checkpoint directory>)")
     )
+
+
+def check_request(meta, mode: str | None, device, activations: int, what: str, *, has_weights: bool,
+                  num_blocks_per_group: int = 1) -> str | None:
+    """Before anything is loaded: the weights ``mode`` keeps on ``device`` plus ``activations``
+    against its free memory (and, on CUDA, the host copies against host memory), for a pipeline
+    built on the meta device. Resolves ``"auto"``; returns the mode. The error names the least
+    offload that would fit."""
+    from .guards import format_bytes
+
+    device = torch.device(device)
+    fp = footprint(meta, num_blocks_per_group)
+    if mode == "auto":
+        return choose_mode(fp, device, activations, disk_possible=has_weights, what=what)
+    free_device, free_host = _free(device)
+    if _fits(fp, mode, device, activations, free_device, free_host):
+        return mode
+    dev, host = needed_bytes(fp, mode, device)
+    where = (f"{format_bytes(dev + activations)} on {device} ({format_bytes(free_device or 0)} available)"
+             if free_device is not None and dev + activations > free_device else
+             f"{format_bytes(host)} of host memory for the offloaded weights ({format_bytes(free_host or 0)} available)")
+    hint = fit_hint(fp, mode, device, activations, loaded=False)
+    if not has_weights:
+        hint = hint.replace("offload='disk' with weights=<checkpoint directory> would fit",
+                            "offload='disk' would fit with weights=<checkpoint directory>")
+    raise InputError(f"{what} with offload={mode!r} needs at least {where}; {hint}")
 
 
 def fit_hint(fp: Footprint, current: str | None, device: torch.device, activations: int, *,
@@ -459,6 +492,8 @@ class Offload:
         self._pool: ThreadPoolExecutor | None = None
         self._stream = None
         self._lock = threading.Lock()
+        self._registered: list[torch.Tensor] = []  # host buffers page-locked in place (CUDA)
+        weakref.finalize(self, _unregister_host, self._registered)
         self.bytes_on_device = 0
         self.peak_bytes_on_device = 0
         """Compute copies (and prefetches) of offloaded units at once, now and at the peak."""
@@ -478,12 +513,12 @@ class Offload:
                             continue
                         seen.add(id(p))
                         dtype = compute_dtypes.get(id(p), p.dtype)
-                        home = self._storage_copy(p.data)
-                        p.data = home
                         unit.params.append(p)
-                        unit.homes.append(home)
                         unit.dtypes.append(dtype)
                         unit.nbytes += p.numel() * dtype.itemsize
+                unit.homes = self._storage_copies([p.data for p in unit.params])
+                for p, home in zip(unit.params, unit.homes):
+                    p.data = home
             # every other parameter and every buffer lives on the compute device
             for module in self._components.values():
                 for p in module.parameters():
@@ -496,14 +531,30 @@ class Offload:
         self.units = [u for u in self.units if u.params]
         self._install_hooks()
 
-    def _storage_copy(self, t: torch.Tensor) -> torch.Tensor:
-        """The home of an offloaded parameter: in host memory (pinned for asynchronous copies on
-        CUDA); a memory-mapped or already host-resident tensor is kept as it is."""
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        if self._cuda and self.mode != "disk" and not t.is_pinned():
-            t = t.pin_memory()
-        return t
+    def _storage_copies(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The homes of one unit's parameters, in host memory. On CUDA (model, block) they are
+        views of one buffer per unit, page-locked in place (``cudaHostRegister``) so copies to the
+        device are asynchronous; pinning tensor by tensor would round each up to a power of two in
+        the caching host allocator. A memory-mapped or host tensor is otherwise kept as it is."""
+        tensors = [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
+        if not (self._cuda and self.mode != "disk") or not tensors or all(t.is_pinned() for t in tensors):
+            return tensors
+        align = 256
+        offsets, total = [], 0
+        for t in tensors:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // align) * align
+        flat = torch.empty(total, dtype=torch.uint8)
+        homes = []
+        for t, offset in zip(tensors, offsets):
+            view = flat[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            homes.append(view)
+        if _register_host(flat):
+            self._registered.append(flat)
+            return homes
+        pinned = flat.pin_memory()  # no in-place registration: one pinned copy per unit
+        return [pinned[o:o + h.numel() * h.element_size()].view(h.dtype).view(h.shape) for h, o in zip(homes, offsets)]
 
     def _install_hooks(self) -> None:
         if self.mode == "model":
@@ -631,7 +682,8 @@ class Offload:
                         staged = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
                         staged.copy_(h)
                         h = staged
-                    out.append(torch.empty(h.shape, dtype=d, device=self.device).copy_(h, non_blocking=True))
+                    t = torch.empty(h.shape, dtype=h.dtype, device=self.device).copy_(h, non_blocking=True)
+                    out.append(t if d == h.dtype else t.to(d))  # a cast, on the device
                 event = torch.cuda.Event()
                 event.record(stream)
             return out, event
@@ -713,14 +765,25 @@ class Offload:
     def offloaded_bytes(self) -> int:
         return sum(u.nbytes for u in self.units)
 
-    def remove(self) -> None:
-        """Undo: every offloaded parameter gets a permanent copy on the compute device, hooks and
-        wrapped methods go."""
+    def detach(self) -> None:
+        """Remove the hooks and wrapped methods, leaving every offloaded parameter in its storage
+        copy (host memory): another mode can then be applied without copying the weights again
+        (page-locked host copies stay page-locked for the rest of the process)."""
+        self._unhook()
+        _KEPT_REGISTERED.extend(self._registered)
+        self._registered.clear()
+
+    def _unhook(self) -> None:
         self.release_all()
         for h in self._handles:
             h.remove()
         self._handles = []
         self._unwrap()
+
+    def remove(self) -> None:
+        """Undo: every offloaded parameter gets a permanent copy on the compute device, hooks and
+        wrapped methods go."""
+        self._unhook()
         for unit in self.units:
             self._load(unit)
             unit.copies = None
@@ -728,12 +791,32 @@ class Offload:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._registered:
+            torch.cuda.synchronize(self.device)
+            _unregister_host(self._registered)
 
     def __repr__(self) -> str:
         from .guards import format_bytes
 
         return (f"Offload(mode={self.mode!r}, device={self.device}, units={len(self.units)}, "
                 f"offloaded={format_bytes(self.offloaded_bytes())}, group={self.group})")
+
+
+def _register_host(flat: torch.Tensor) -> bool:
+    """Page-lock ``flat``'s memory in place for asynchronous device copies; False where CUDA refuses."""
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)) == 0
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_KEPT_REGISTERED: list[torch.Tensor] = []
+"""Page-locked host buffers handed from a detached offload to whatever uses them next."""
+
+
+def _unregister_host(flats: list[torch.Tensor]) -> None:
+    while flats:
+        torch.cuda.cudart().cudaHostUnregister(flats.pop().data_ptr())
 
 
 def apply(pipe, mode: str, device, *, num_blocks_per_group: int = 1, prefetch: bool | None = None) -> Offload:
@@ -751,3 +834,12 @@ def apply(pipe, mode: str, device, *, num_blocks_per_group: int = 1, prefetch: b
     pipe.offload = off
     pipe.device = off.device
     return off
+
+
+def remove(pipe, *, keep_on_host: bool = False) -> None:
+    """Undo :func:`apply`: every parameter resident on the compute device again (``keep_on_host``:
+    offloaded parameters stay in their host copies, for applying another mode)."""
+    off = getattr(pipe, "offload", None)
+    if off is not None:
+        off.detach() if keep_on_host else off.remove()
+        pipe.offload = None

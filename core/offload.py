@@ -539,12 +539,16 @@ class Offload:
         tensors = [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
         if not (self._cuda and self.mode != "disk") or not tensors or all(t.is_pinned() for t in tensors):
             return tensors
-        align = 256
+        align, page = 256, 4096
         offsets, total = [], 0
         for t in tensors:
             offsets.append(total)
             total += -(-t.numel() * t.element_size() // align) * align
-        flat = torch.empty(total, dtype=torch.uint8)
+        total = -(-total // page) * page
+        # whole pages of its own: a registration never overlaps another's pages
+        base = torch.empty(total + page, dtype=torch.uint8)
+        start = -base.data_ptr() % page
+        flat = base[start:start + total]
         homes = []
         for t, offset in zip(tensors, offsets):
             view = flat[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)

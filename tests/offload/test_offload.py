@@ -349,3 +349,18 @@ def test_disk_offload_holds_a_fraction_of_the_weights_in_host_memory(stack_check
     weights = disk["weights_bytes"]
     assert weights >= 10**9 and disk["units"] == 16
     assert disk["block_bytes"] <= disk["anon_bytes"] <= 0.35 * weights, disk
+
+
+def test_the_gpu_script_runs_its_step_and_memory_parts_at_tiny_size_on_a_cpu(tmp_path):
+    """scripts/offload_gpu.py (CUDA figures for docs/PERFORMANCE.md) at tiny size on the CPU: its
+    parity part is this file's first test, its compile part tests/test_compile.py's offload test."""
+    import runpy
+
+    script = runpy.run_path(str(ROOT / "scripts" / "offload_gpu.py"))
+    out = tmp_path / "offload.json"
+    assert script["main"](["--device", "cpu", "--tiny", "--only", "step,memory", "--steps", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["step"]["modes"]) == {"resident", "block", "disk"}
+    rows = {(r["model"], r["mode"]): r for r in report["memory"]}
+    assert set(rows) == {(m, mode) for m in ("wan2.1-t2v-14b", "mova-360p") for mode in ("model", "block", "none")}
+    assert not [r for r in rows.values() if "error" in r], rows

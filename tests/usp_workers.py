@@ -49,6 +49,13 @@ def compile_and_diverge(site: str) -> dict:
     compiled = subject.build(use_usp=True, ulysses_degree=1, ring_degree=2)
     compiled.compile_pipeline()
     results["compile+usp vs eager+usp"] = _error(compiled, eager, **UNEVEN)
+    # offload under USP: every rank moves its own weights per block / per component, same output
+    for mode in ("block", "model"):
+        offloaded = subject.build(use_usp=True, ulysses_degree=1, ring_degree=2, offload=mode)
+        args = {"seed": 3, "num_inference_steps": 2, "progress": False, "guidance_scale": 3.0, **UNEVEN}
+        same = torch.equal(offloaded(PROMPT, **args).tensor(), eager(PROMPT, **args).tensor())
+        results[f"usp+{mode} offload equals usp"] = same and offloaded.offload.materialised() == []
+        offloaded.parallel.remove()
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
             for scale, call in [(1.0, UNEVEN), (3.0, EVEN), (1.0, dict(height=32, width=80))]:

@@ -207,6 +207,17 @@ def test_model_mode_holds_one_component_at_a_time_and_nested_calls_together(runs
 # a compiled method routed through its component's unit): tests/test_compile.py, on its compiled pipeline.
 
 
+def test_compiling_after_model_offload_keeps_the_compiled_method_inside_its_unit(runs):
+    """The usual order, load(offload=...) then compile_pipeline(): the compiled ``vae.decode`` is
+    bound after the offload wrapped it, and must be wrapped again (its submodules' hooks are inside
+    the compiled region and never run). The eager backend: dynamo only."""
+    pipe = load_spec(runs.specs["example-dit"], "tiny", device="cpu", dtype=torch.float32, offload="model")
+    pipe.compile_pipeline(backend="eager", compile_models=["vae"])
+    vae = next(u for u in pipe.offload.units if u.component == "vae")
+    assert torch.equal(runs.generate(pipe, "example-dit"), runs.resident("example-dit")[1])
+    assert vae.loads == 1
+
+
 # -- estimates, auto, errors -------------------------------------------------------------------
 
 

@@ -11,8 +11,8 @@ no model is named here. Modes (``core.load(..., offload=MODE)``):
   and at the end of every generation. So the text encoder is on the device while it encodes,
   each expert while it denoises, the VAE while it decodes.
 * ``"block"``: a unit per repeated block (or group of ``num_blocks_per_group`` consecutive blocks)
-  of every component that declares repeated blocks (``ModelSpec.repeated_blocks`` or a
-  ``_repeated_blocks`` class attribute). The compute copy is made just before the group's first
+  of every component that declares repeated blocks (``ModelSpec.repeated_blocks``, a
+  ``_repeated_blocks`` class attribute, or the ``_no_split_modules`` layers of a transformers model). The compute copy is made just before the group's first
   block runs and released after its last block returns; on CUDA the next group (in the order
   observed during the generation) is copied ahead on a side stream. Every other parameter and
   every buffer stays resident on the device.
@@ -93,6 +93,17 @@ def _block_instances(module: nn.Module, names: Iterable[str]) -> list[tuple[str,
     return found
 
 
+def offload_block_names(module: nn.Module, declared: Iterable[str] = ()) -> list[str]:
+    """The block classes block offload moves one at a time in ``module``: its repeated blocks
+    (declared, or ``_repeated_blocks``) and the layers transformers models name in
+    ``_no_split_modules`` (the units its own device placement never splits: a text encoder's
+    decoder layers)."""
+    from .compile import repeated_block_names
+
+    return list(dict.fromkeys([*repeated_block_names(module, declared),
+                               *(getattr(type(module), "_no_split_modules", None) or ())]))
+
+
 @dataclass
 class _UnitPlan:
     name: str  # "component" or "component:blocks.3" / "component:blocks.2-3"
@@ -103,14 +114,12 @@ class _UnitPlan:
 
 def _plan_units(components: Mapping[str, nn.Module], mode: str, repeated_blocks: Mapping[str, Iterable[str]],
                 group: int) -> list[_UnitPlan]:
-    from .compile import repeated_block_names
-
     plans: list[_UnitPlan] = []
     for cname, module in components.items():
         if mode == "model":
             plans.append(_UnitPlan(cname, cname, [module], [""]))
             continue
-        blocks = _block_instances(module, repeated_block_names(module, repeated_blocks.get(cname, ())))
+        blocks = _block_instances(module, offload_block_names(module, repeated_blocks.get(cname, ())))
         for i in range(0, len(blocks), group):
             chunk = blocks[i:i + group]
             label = chunk[0][0] if len(chunk) == 1 else f"{chunk[0][0]}..{chunk[-1][0]}"

@@ -45,6 +45,8 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     use_usp: bool = False,
+    shard_weights: bool = False,
+    weight_dtype: str | torch.dtype | None = None,
     **options,
 ) -> Pipeline:
     """Build the pipeline of a registered model.
@@ -54,10 +56,15 @@ def load(
     checkpoint layout (needed by presets without random weights; with a random-weight preset it
     loads a checkpoint of that preset's shapes). ``use_usp=True`` runs the components sequence-
     parallel across the ranks of the current ``torchrun`` job (options ``ulysses_degree``,
-    ``ring_degree``, ``cfg_parallel``). Other ``options`` go to the plugin's pipeline factory.
+    ``ring_degree``, ``cfg_parallel``); with ``shard_weights=True`` as well, each rank keeps 1/N
+    of every component with repeated blocks and gathers a block just before it runs
+    (:mod:`core.parallel.weight_shards`). ``weight_dtype="float8_e4m3fn"`` (opt-in, lossy) stores
+    linear weights in fp8 and casts them per call (:mod:`core.fp8_weights`). Other ``options`` go
+    to the plugin's pipeline factory.
     """
     record = get_registry().model(name)
-    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, _plugin=record.plugin, **options)
+    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, shard_weights=shard_weights,
+                     weight_dtype=weight_dtype, _plugin=record.plugin, **options)
 
 
 _USP_OPTIONS = ("ulysses_degree", "ring_degree", "cfg_parallel")
@@ -116,7 +123,7 @@ def _call_factory(spec, plugin: str | None, config, **kwargs):
 
 
 def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_usp: bool = False,
-              _plugin: str | None = None, **options) -> Pipeline:
+              shard_weights: bool = False, weight_dtype=None, _plugin: str | None = None, **options) -> Pipeline:
     """:func:`load` for a :class:`core.spec.ModelSpec` in hand (the conformance kit, tests)."""
     preset_name = preset or spec.default_preset
     if preset_name not in spec.presets:
@@ -128,6 +135,13 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
     usp_options = {k: options.pop(k) for k in _USP_OPTIONS if k in options}
     if usp_options and not use_usp:
         raise InputError(f"{', '.join(usp_options)} need use_usp=True")
+    if shard_weights and not use_usp:
+        raise InputError("shard_weights=True needs use_usp=True (the weights are sharded over the USP ranks)")
+    from .fp8_weights import resolve_weight_dtype
+
+    storage = resolve_weight_dtype(weight_dtype)
+    if storage is not None and shard_weights:
+        raise InputError("weight_dtype (fp8 storage) and shard_weights cannot be combined yet")
     if weights is None:
         if not chosen.random_weights:
             layout = spec.weights.description if spec.weights else ""
@@ -136,14 +150,27 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
                 f"{': ' + layout if layout else ''}"
             )
         pipe = _call_factory(spec, _plugin, dict(chosen.config), device=device, dtype=dtype, weights=None, **options)
+        _store_weights(pipe, storage)
     else:
-        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin)
+        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin, storage)
     _attach(pipe, spec, chosen, _plugin)
     if use_usp:
         from .parallel import attach_usp
 
         attach_usp(pipe, config=dict(chosen.config), **usp_options)
+        if shard_weights:
+            from .parallel.weight_shards import shard_pipeline
+
+            shard_pipeline(pipe)
     return pipe
+
+
+def _store_weights(pipe, storage) -> None:
+    if storage is not None:
+        from .fp8_weights import store_linear_weights
+
+        store_linear_weights(pipe.components(), storage)
+        pipe.lossy = f"linear weights stored in {str(storage).removeprefix('torch.')} (weight_dtype)"
 
 
 def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
@@ -157,7 +184,9 @@ def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
     pipe.preset_config = dict(preset.config)
 
 
-def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None) -> Pipeline:
+def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None, storage=None) -> Pipeline:
+    from .weight_reader import LoadStats
+
     if spec.weights is None:
         raise WeightsError(f"model {spec.name!r} declares no checkpoint layout, so weights= cannot be used")
     layout = spec.weights
@@ -168,15 +197,16 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
         meta = _call_factory(spec, plugin, config, device=torch.device("meta"), dtype=dtype, weights=root, **options)
     checked = [check_layout(root, wf, component_module(meta, wf.component)) for wf in layout.files]
     del meta
-    # 2. build for real without random init, fill from the checkpoint, then move
-    build_device = torch.device("cpu") if device.type != "cpu" else device
+    # 2. build for real on the target device without random init (on CUDA nothing model-sized is
+    # ever resident in host memory), then read each file straight into the components' tensors,
+    # cast once into their final dtype (fp8 storage included)
     with no_init_weights():
-        pipe = _call_factory(spec, plugin, config, device=build_device, dtype=dtype, weights=root, **options)
+        pipe = _call_factory(spec, plugin, config, device=device, dtype=dtype, weights=root, **options)
+    _store_weights(pipe, storage)
+    pipe.load_stats = LoadStats()
     for wf, chk in zip(layout.files, checked):
         if chk is not None:
-            load_component(root, wf, component_module(pipe, wf.component), checked=chk)
-    if build_device != device:
-        pipe.to(device)
+            load_component(root, wf, component_module(pipe, wf.component), checked=chk, stats=pipe.load_stats)
     return pipe
 
 

@@ -50,10 +50,12 @@ def test_a_failing_rank_ends_the_run_with_its_error(example_site):
 def test_ditkit_run_nproc_writes_one_file_from_rank_zero(example_site, tmp_path):
     out = tmp_path / "usp.png"
     res = subprocess.run([sys.executable, "-m", "core.cli", "run", "example", "--nproc", "2", "--steps", "2",
-                          "--height", "48", "--width", "112", "--out", str(out)],
+                          "--height", "48", "--width", "112", "--shard-weights", "--out", str(out)],
                          capture_output=True, text=True, env=subprocess_env(example_site), timeout=240)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("wrote") == 1 and out.is_file()
+    # rank 0 reports what it holds of the sharded DiT: half of it on 2 ranks
+    assert res.stdout.count("weights sharded over 2 ranks") == 1 and "dit 0.594 MB of 1.19 MB (4 blocks)" in res.stdout, res.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["usp.png"]
 
 

@@ -61,8 +61,9 @@ def store_linear_weights(modules: dict[str, nn.Module], dtype: torch.dtype) -> d
         for layer in module.modules():
             if type(layer) is not nn.Linear or layer.weight.dtype == dtype:
                 continue
-            compute = layer.weight.dtype
-            layer.weight = nn.Parameter(layer.weight.detach().to(dtype), requires_grad=False)
+            compute, old = layer.weight.dtype, layer.weight
+            layer.weight = nn.Parameter(old.detach().to(dtype), requires_grad=False)
+            layer.weight.__dict__.update(old.__dict__)  # a parameter still to be allocated stays so
             layer.__class__ = Fp8Linear
             layer.compute_dtype = compute
             n += 1

@@ -4,6 +4,9 @@ In one run, round-robin over ``--repeats`` rounds, each measurement starting fro
 cache (every checkpoint file's cached pages dropped first):
 
 * ``raw``: a sequential read of the same files (one thread, 16 MiB buffer): what the disk gives;
+* ``raw into fresh memory``: the same read, in a fresh process, into newly allocated buffers that
+  stay alive (as a loaded model's tensors do): the disk plus the cost of giving the process that
+  much new memory (page faults), the floor of any loader that ends with the weights resident;
 * ``load``: ``core.load(NAME, preset, weights=DIR, device, dtype)`` in a fresh process per run
   (its imports before the clock starts), once per ``--threads`` value.
 
@@ -121,6 +124,31 @@ def raw_read(paths: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
+FRESH_CHILD = r"""
+import os, sys, time
+import torch
+start = time.perf_counter()
+kept = []
+for path in sys.argv[1:]:
+    buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
+    view, fd, done = memoryview(buf.numpy()).cast("B"), os.open(path, os.O_RDONLY), 0
+    while done < len(view):
+        done += os.preadv(fd, [view[done:done + (1 << 30)]], done)
+    os.close(fd)
+    kept.append(buf)
+print("RESULT", time.perf_counter() - start)
+"""
+
+
+def raw_read_fresh(paths: list[Path]) -> float:
+    """Seconds to read ``paths`` into newly allocated memory that stays alive, in a fresh process."""
+    res = subprocess.run([sys.executable, "-c", FRESH_CHILD, *map(str, paths)], capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")]
+    if res.returncode != 0 or not lines:
+        raise InputError(f"reading {paths[0]} into fresh memory failed: {res.stderr.strip()[-300:]}")
+    return float(lines[-1].split()[1])
+
+
 CHILD = r"""
 import json, os, sys, threading, time
 import torch
@@ -217,8 +245,8 @@ def run_load_bench(name: str, weights, *, preset: str | None = None, device: str
     root = Path(weights)
     files = checkpoint_files(spec, root)
     file_bytes = sum(p.stat().st_size for p in files)
-    raw_s, loads, cached, method = [], {t: [] for t in threads}, [], None
-    steps = [("raw", None)] + [("load", t) for t in threads]
+    raw_s, fresh_s, loads, cached, method = [], [], {t: [] for t in threads}, [], None
+    steps = [("raw", None), ("fresh", None)] + [("load", t) for t in threads]
     bar = tqdm(total=repeats * len(steps), desc=f"load bench {spec.name}", disable=None if progress is None else not progress)
     for _ in range(repeats):
         for kind, t in steps:
@@ -226,12 +254,16 @@ def run_load_bench(name: str, weights, *, preset: str | None = None, device: str
             cached.append(cached_fraction(files))
             if kind == "raw":
                 raw_s.append(raw_read(files)[0])
+            elif kind == "fresh":
+                fresh_s.append(raw_read_fresh(files))
             else:
                 loads[t].append(_load_once(spec.name, preset, root, device, dtype, t))
             bar.update()
     bar.close()
     raw = _summary(raw_s)
     raw_rate = file_bytes / raw["median"]
+    fresh = _summary(fresh_s)
+    fresh_rate = file_bytes / fresh["median"]
     results = []
     for t, runs in loads.items():
         secs = _summary([r["seconds"] for r in runs])
@@ -240,6 +272,7 @@ def run_load_bench(name: str, weights, *, preset: str | None = None, device: str
         results.append({
             "threads": t, "seconds": secs, "rate_GBps": file_bytes / secs["median"] / 1e9,
             "rate_vs_raw": (file_bytes / secs["median"]) / raw_rate,
+            "rate_vs_raw_into_fresh_memory": (file_bytes / secs["median"]) / fresh_rate,
             "peak_rss_increase_bytes": peak, "peak_rss_vs_weights": peak / loaded,
             "peak_rss_anon_increase_bytes": max(r["peak_rss_anon"] for r in runs),
             "peak_rss_file_increase_bytes": max(r["peak_rss_file"] for r in runs),
@@ -255,6 +288,8 @@ def run_load_bench(name: str, weights, *, preset: str | None = None, device: str
         "file_bytes": file_bytes, "repeats": repeats, "cache_drop": method,
         "cached_after_drop_max": max((c for c in cached if c is not None), default=None),
         "raw_read": {"seconds": raw, "rate_GBps": raw_rate / 1e9, "runs_s": [round(s, 4) for s in raw_s]},
+        "raw_read_into_fresh_memory": {"seconds": fresh, "rate_GBps": fresh_rate / 1e9,
+                                       "runs_s": [round(s, 4) for s in fresh_s]},
         "load": results, "environment": environment(torch.device(dev)),
     }
 
@@ -268,10 +303,14 @@ def format_load_bench(report: dict) -> str:
              f"{report['repeats']} rounds",
              f"  raw sequential read  {raw['seconds']['median']:.2f} s (min {raw['seconds']['min']:.2f}, max "
              f"{raw['seconds']['max']:.2f})  {raw['rate_GBps']:.2f} GB/s"]
+    fresh = report["raw_read_into_fresh_memory"]
+    lines.append(f"  raw read into fresh memory  {fresh['seconds']['median']:.2f} s (min {fresh['seconds']['min']:.2f}, "
+                 f"max {fresh['seconds']['max']:.2f})  {fresh['rate_GBps']:.2f} GB/s")
     for r in report["load"]:
         s = r["seconds"]
         lines.append(f"  load, {r['threads']} thread(s)  {s['median']:.2f} s (min {s['min']:.2f}, max {s['max']:.2f})  "
-                     f"{r['rate_GBps']:.2f} GB/s = {r['rate_vs_raw']:.2f}x raw; peak RSS +{r['peak_rss_increase_bytes'] / gb:.3f} GB "
+                     f"{r['rate_GBps']:.2f} GB/s = {r['rate_vs_raw']:.2f}x raw, {r['rate_vs_raw_into_fresh_memory']:.2f}x raw into "
+                     f"fresh memory; peak RSS +{r['peak_rss_increase_bytes'] / gb:.3f} GB "
                      f"= {r['peak_rss_vs_weights']:.2f}x the weights ({r['loaded_bytes'] / gb:.3f} GB)")
     return "\n".join(lines)
 

@@ -11,7 +11,15 @@ from . import guards
 from .errors import DitkitError, InputError, PluginError, WeightsError
 from .pipeline import Pipeline
 from .registry import get_registry
-from .weights import check_layout, check_required_paths, component_module, load_component, no_init_weights
+from .weights import (
+    check_layout,
+    check_required_paths,
+    component_module,
+    deferred_parameters,
+    load_component,
+    materialize_parameters,
+    no_init_weights,
+)
 
 __all__ = ["load", "load_spec", "check_call", "resolve_dtype", "default_device"]
 
@@ -197,12 +205,19 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
         meta = _call_factory(spec, plugin, config, device=torch.device("meta"), dtype=dtype, weights=root, **options)
     checked = [check_layout(root, wf, component_module(meta, wf.component)) for wf in layout.files]
     del meta
-    # 2. build for real on the target device without random init (on CUDA nothing model-sized is
-    # ever resident in host memory), then read each file straight into the components' tensors,
-    # cast once into their final dtype (fp8 storage included)
-    with no_init_weights():
-        pipe = _call_factory(spec, plugin, config, device=device, dtype=dtype, weights=root, **options)
+    # 2. build for real without random init, parameters deferred: they get memory only now, in
+    # their final dtype on the target device (on CUDA nothing model-sized is ever in host memory);
+    # then each file is read straight into them, cast once (fp8 storage included)
+    try:
+        with no_init_weights(), deferred_parameters():
+            pipe = _call_factory(spec, plugin, config, device=device, dtype=dtype, weights=root, **options)
+        if any(b.device.type == "meta" for m in pipe.components().values() for b in m.buffers()):
+            raise PluginError("a buffer was computed from a deferred parameter")
+    except DitkitError:  # a factory that computes with its parameters' values: build them for real
+        with no_init_weights():
+            pipe = _call_factory(spec, plugin, config, device=device, dtype=dtype, weights=root, **options)
     _store_weights(pipe, storage)
+    materialize_parameters(pipe.components())
     pipe.load_stats = LoadStats()
     for wf, chk in zip(layout.files, checked):
         if chk is not None:

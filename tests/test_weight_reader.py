@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from core.errors import WeightsError
 from core.spec import WeightFile
 from core.weight_reader import LoadStats, TensorSource, fill
-from core.weights import check_layout, load_component
+from core.weights import check_layout, deferred_parameters, load_component, materialize_parameters
 
 
 class _Model(nn.Module):
@@ -105,8 +105,12 @@ def test_a_device_target_goes_through_a_bounded_staging_buffer_without_a_host_co
     big = {"a.weight": torch.randn(40, 48, generator=g), "a.bias": torch.randn(40, generator=g),
            "b.weight": torch.randn(8, 40, generator=g), "scale": torch.randn(3, generator=g)}
     save_file({k: v.to(torch.bfloat16) for k, v in big.items()}, str(tmp_path / "m.safetensors"))
-    with torch.device("meta"):
-        module = _Model()
+    # as core.load builds: parameters deferred while the factory runs (its .to() decides their device
+    # and dtype; buffers stay real), then allocated on the target device, here meta for CUDA
+    with deferred_parameters():
+        module = _Model().to(device="meta", dtype=torch.float16)
+    materialize_parameters({"m": module})
+    assert module.a.weight.device.type == "meta" and module.a.weight.dtype == torch.float16
     allocated = []
     real_empty = torch.empty
 
@@ -206,3 +210,50 @@ def test_an_untied_missing_key_is_still_missing(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightsError, match=r"missing keys \(2\)"):
         check_layout(tmp_path, WeightFile(component="text_encoder", path="model.safetensors"), source)
+
+
+def test_deferred_parameters_take_no_memory_until_materialized_in_their_final_dtype():
+    """A factory that builds in float32 and casts to bf16 allocates neither: parameters stay on the
+    meta device until materialized; buffers computed in __init__ keep their values; ties hold."""
+    import transformers
+
+    with deferred_parameters():
+        model = _Model().to(torch.bfloat16)
+        model.register_buffer("table", torch.arange(4, dtype=torch.float64))
+        t5 = _tiny_encoder("t5").to(torch.bfloat16)
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.scale.device.type == "cpu" and model.scale.dtype == torch.bfloat16 and torch.equal(model.scale, torch.ones(3, dtype=torch.bfloat16))
+    assert torch.equal(model.table, torch.arange(4, dtype=torch.float64))
+    materialize_parameters({"model": model, "t5": t5})
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in [*model.parameters(), *t5.parameters()])
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    assert isinstance(t5, transformers.T5EncoderModel) and nn.Linear(2, 2).weight.device.type == "cpu"  # context undone
+
+
+class _ComputesFromWeights(nn.Module):
+    """A module whose __init__ derives a buffer from its parameter's values (deferred parameters
+    have none): core.load must notice and build this factory's parameters for real."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("total", self.lin.weight.detach().sum().reshape(1), persistent=False)
+
+
+def test_a_factory_that_computes_with_its_parameters_still_loads(tmp_path):
+    from core.loading import load_spec
+    from core.pipeline import Pipeline
+    from core.spec import ModelSpec, Preset, WeightsLayout
+
+    class _Pipe(Pipeline):
+        def __init__(self, config, *, device, dtype, weights=None):
+            super().__init__(device=device, dtype=dtype)
+            self.net = _ComputesFromWeights().to(device=device, dtype=dtype)
+
+    state = {"lin.weight": torch.randn(4, 4), "lin.bias": torch.randn(4)}
+    save_file(state, str(tmp_path / "net.safetensors"))
+    spec = ModelSpec(name="computes", pipeline=_Pipe, presets={"tiny": Preset(random_weights=True)},
+                     weights=WeightsLayout(files=[WeightFile(component="net", path="net.safetensors")]))
+    pipe = load_spec(spec, weights=tmp_path, device="cpu")
+    assert pipe.net.total.device.type == "cpu"
+    assert torch.equal(pipe.net.lin.weight, state["lin.weight"]) and torch.equal(pipe.net.lin.bias, state["lin.bias"])

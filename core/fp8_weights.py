@@ -14,7 +14,6 @@ checks prove exactness, which this storage gives up.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
@@ -41,12 +40,22 @@ def resolve_weight_dtype(weight_dtype) -> torch.dtype | None:
 
 
 class Fp8Linear(nn.Linear):
-    """An ``nn.Linear`` whose weight is stored in fp8 and cast to ``compute_dtype`` per call."""
+    """An ``nn.Linear`` whose weight is stored in fp8 and cast to ``compute_dtype`` when read.
+
+    The stored parameter keeps its place and name (``_parameters["weight"]``: state dicts,
+    checkpoints and the loader see it unchanged, in fp8); the attribute ``weight`` is the cast
+    copy, so ``nn.Linear.forward`` runs in the compute dtype and model code that reads
+    ``layer.weight.dtype`` to pick its input dtype keeps feeding it bf16, never fp8 activations."""
 
     compute_dtype: torch.dtype
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight.to(self.compute_dtype), self.bias)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._parameters["weight"].to(self.compute_dtype)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._parameters["weight"] = value
 
 
 def store_linear_weights(modules: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, int]:
@@ -59,13 +68,14 @@ def store_linear_weights(modules: dict[str, nn.Module], dtype: torch.dtype) -> d
     for name, module in modules.items():
         n = 0
         for layer in module.modules():
-            if type(layer) is not nn.Linear or layer.weight.dtype == dtype:
+            if type(layer) is not nn.Linear:
                 continue
-            compute, old = layer.weight.dtype, layer.weight
-            layer.weight = nn.Parameter(old.detach().to(dtype), requires_grad=False)
-            layer.weight.__dict__.update(old.__dict__)  # a parameter still to be allocated stays so
+            old = layer.weight
+            stored = nn.Parameter(old.detach().to(dtype), requires_grad=False)
+            stored.__dict__.update(old.__dict__)  # a parameter still to be allocated stays so
             layer.__class__ = Fp8Linear
-            layer.compute_dtype = compute
+            layer.compute_dtype = old.dtype
+            layer._parameters["weight"] = stored
             n += 1
         counts[name] = n
     return counts

@@ -28,7 +28,8 @@ def test_linear_weights_take_half_the_bytes_of_bf16(pipes):
     dit = _bytes(bf16.dit)
     assert _bytes(fp8.dit) < 0.55 * dit  # the DiT's weights are nearly all linear
     layers = [m for m in fp8.dit.modules() if isinstance(m, nn.Linear)]
-    assert layers and all(type(m) is Fp8Linear and m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    assert layers and all(type(m) is Fp8Linear and m._parameters["weight"].dtype == torch.float8_e4m3fn for m in layers)
+    assert all(m.weight.dtype == torch.bfloat16 for m in layers)  # what model code reads: the compute dtype
     assert all(m.bias is None or m.bias.dtype == torch.bfloat16 for m in layers)
     assert fp8.lossy and "float8_e4m3fn" in fp8.lossy and bf16.lossy is None
 
@@ -53,7 +54,8 @@ def test_loading_casts_the_file_straight_into_fp8(example, pipes, tmp_path):
     assert loaded.load_stats.cast == sum(1 for m in bf16.components().values() for x in m.modules() if type(x) is nn.Linear)
     for a, b in zip(bf16.dit.modules(), loaded.dit.modules()):
         if type(a) is nn.Linear:
-            assert torch.equal(b.weight.view(torch.uint8), a.weight.to(torch.float8_e4m3fn).view(torch.uint8))
+            stored = b._parameters["weight"]
+            assert torch.equal(stored.view(torch.uint8), a.weight.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 def test_unknown_weight_dtype_and_the_kit_refuse(example):

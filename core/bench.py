@@ -277,10 +277,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--no-progress", action="store_true")
+    from .load_bench import add_arguments as load_arguments
+
+    load_arguments(parser)  # --load --weights DIR: loading against the disk (core/load_bench.py)
 
 
 def main(args) -> int:
     """Run ``ditkit bench`` with parsed ``args``; print the table, write ``--json``."""
+    if args.load or args.weights:
+        from .load_bench import main as load_main
+
+        return load_main(args)
     report = run_bench(
         args.model, preset=args.preset, device=args.device, dtype=args.dtype,
         compare=tuple(v.strip() for v in args.compare.split(",") if v.strip()), steps=args.steps,

@@ -11,7 +11,15 @@ from . import guards
 from .errors import DitkitError, InputError, PluginError, WeightsError
 from .pipeline import Pipeline
 from .registry import get_registry
-from .weights import check_layout, check_required_paths, component_module, load_component, no_init_weights
+from .weights import (
+    check_layout,
+    check_required_paths,
+    component_module,
+    deferred_parameters,
+    load_component,
+    materialize_parameters,
+    no_init_weights,
+)
 
 __all__ = ["load", "load_spec", "check_call", "resolve_dtype", "default_device"]
 
@@ -45,7 +53,9 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     use_usp: bool = False,
+    shard_weights: bool = False,
     offload: str | None = None,
+    weight_dtype: str | torch.dtype | None = None,
     **options,
 ) -> Pipeline:
     """Build the pipeline of a registered model.
@@ -55,15 +65,19 @@ def load(
     checkpoint layout (needed by presets without random weights; with a random-weight preset it
     loads a checkpoint of that preset's shapes). ``use_usp=True`` runs the components sequence-
     parallel across the ranks of the current ``torchrun`` job (options ``ulysses_degree``,
-    ``ring_degree``, ``cfg_parallel``). ``offload`` keeps weights off the device until the call that
-    uses them: ``"model"`` (per component), ``"block"`` (per repeated block, option
+    ``ring_degree``, ``cfg_parallel``); with ``shard_weights=True`` as well, each rank keeps 1/N
+    of every component with repeated blocks and gathers a block just before it runs
+    (:mod:`core.parallel.weight_shards`). ``offload`` keeps weights off the device until the call
+    that uses them: ``"model"`` (per component), ``"block"`` (per repeated block, option
     ``num_blocks_per_group``), ``"disk"`` (blocks memory-mapped in the checkpoint files; needs
-    ``weights``) or ``"auto"`` (the least that fits; :mod:`core.offload`). Other ``options`` go to
-    the plugin's pipeline factory.
+    ``weights``) or ``"auto"`` (the least that fits; :mod:`core.offload`); with ``shard_weights``
+    only ``"block"``, which keeps each rank's shards in host memory. ``weight_dtype="float8_e4m3fn"``
+    (opt-in, lossy) stores linear weights in fp8 and casts them per call (:mod:`core.fp8_weights`).
+    Other ``options`` go to the plugin's pipeline factory.
     """
     record = get_registry().model(name)
-    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, offload=offload,
-                     _plugin=record.plugin, **options)
+    return load_spec(record.spec, preset, weights, device, dtype, use_usp=use_usp, shard_weights=shard_weights,
+                     offload=offload, weight_dtype=weight_dtype, _plugin=record.plugin, **options)
 
 
 _USP_OPTIONS = ("ulysses_degree", "ring_degree", "cfg_parallel")
@@ -123,7 +137,8 @@ def _call_factory(spec, plugin: str | None, config, **kwargs):
 
 
 def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_usp: bool = False,
-              offload: str | None = None, _plugin: str | None = None, **options) -> Pipeline:
+              shard_weights: bool = False, offload: str | None = None, weight_dtype=None,
+              _plugin: str | None = None, **options) -> Pipeline:
     """:func:`load` for a :class:`core.spec.ModelSpec` in hand (the conformance kit, tests)."""
     preset_name = preset or spec.default_preset
     if preset_name not in spec.presets:
@@ -135,6 +150,13 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
     usp_options = {k: options.pop(k) for k in _USP_OPTIONS if k in options}
     if usp_options and not use_usp:
         raise InputError(f"{', '.join(usp_options)} need use_usp=True")
+    if shard_weights and not use_usp:
+        raise InputError("shard_weights=True needs use_usp=True (the weights are sharded over the USP ranks)")
+    from .fp8_weights import resolve_weight_dtype
+
+    storage = resolve_weight_dtype(weight_dtype)
+    if storage is not None and shard_weights:
+        raise InputError("weight_dtype (fp8 storage) and shard_weights cannot be combined yet")
     mode, group = _offload_request(spec, chosen, weights, device, dtype, offload, options, _plugin)
     build_device = torch.device("cpu") if mode is not None else device  # offloaded weights live on the host
     if weights is None:
@@ -145,8 +167,10 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
                 f"{': ' + layout if layout else ''}"
             )
         pipe = _call_factory(spec, _plugin, dict(chosen.config), device=build_device, dtype=dtype, weights=None, **options)
+        _store_weights(pipe, storage)
     else:
-        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin, offload=(mode, group))
+        pipe = _build_with_weights(spec, chosen, Path(weights), device, dtype, options, _plugin, storage,
+                                   offload=(mode, group))
     _attach(pipe, spec, chosen, _plugin)
     if mode is not None:
         from . import offload as offloading
@@ -156,7 +180,19 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
         from .parallel import attach_usp
 
         attach_usp(pipe, config=dict(chosen.config), **usp_options)
+        if shard_weights:
+            from .parallel.weight_shards import shard_pipeline
+
+            shard_pipeline(pipe)
     return pipe
+
+
+def _store_weights(pipe, storage) -> None:
+    if storage is not None:
+        from .fp8_weights import store_linear_weights
+
+        store_linear_weights(pipe.components(), storage)
+        pipe.lossy = f"linear weights stored in {str(storage).removeprefix('torch.')} (weight_dtype)"
 
 
 def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
@@ -189,8 +225,10 @@ def _offload_request(spec, preset, weights, device, dtype, offload, options, plu
     return mode, group
 
 
-def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None,
+def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin=None, storage=None,
                         offload: tuple[str | None, int] = (None, 1)) -> Pipeline:
+    from .weight_reader import LoadStats
+
     if spec.weights is None:
         raise WeightsError(f"model {spec.name!r} declares no checkpoint layout, so weights= cannot be used")
     layout = spec.weights
@@ -201,23 +239,36 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
         meta = _call_factory(spec, plugin, config, device=torch.device("meta"), dtype=dtype, weights=root, **options)
     checked = [check_layout(root, wf, component_module(meta, wf.component)) for wf in layout.files]
     del meta
-    # 2. build for real without random init, fill from the checkpoint, then move
+    # 2. build for real without random init
     mode, group = offload
-    build_device = torch.device("cpu") if device.type != "cpu" else device
     if mode == "disk":  # parameters never allocated: the blocks stay in the mapped files
         from .offload import load_mapped, meta_parameters
 
+        build_device = torch.device("cpu") if device.type != "cpu" else device
         with no_init_weights(), meta_parameters():
             pipe = _call_factory(spec, plugin, config, device=build_device, dtype=dtype, weights=root, **options)
+        _store_weights(pipe, storage)
         load_mapped(pipe, layout, root, checked, device, dict(spec.repeated_blocks), group)
         return pipe
-    with no_init_weights():
-        pipe = _call_factory(spec, plugin, config, device=build_device, dtype=dtype, weights=root, **options)
+    # parameters deferred: they get memory only now, in their final dtype on the target device
+    # (on CUDA nothing model-sized is ever in host memory; offloaded weights live on the host);
+    # then each file is read straight into them, cast once (fp8 storage included)
+    if mode is not None:
+        device = torch.device("cpu")
+    try:
+        with no_init_weights(), deferred_parameters():
+            pipe = _call_factory(spec, plugin, config, device=device, dtype=dtype, weights=root, **options)
+        if any(b.device.type == "meta" for m in pipe.components().values() for b in m.buffers()):
+            raise PluginError("a buffer was computed from a deferred parameter")
+    except DitkitError:  # a factory that computes with its parameters' values: build them for real
+        with no_init_weights():
+            pipe = _call_factory(spec, plugin, config, device=device, dtype=dtype, weights=root, **options)
+    _store_weights(pipe, storage)
+    materialize_parameters(pipe.components())
+    pipe.load_stats = LoadStats()
     for wf, chk in zip(layout.files, checked):
         if chk is not None:
-            load_component(root, wf, component_module(pipe, wf.component), checked=chk)
-    if build_device != device and mode is None:
-        pipe.to(device)
+            load_component(root, wf, component_module(pipe, wf.component), checked=chk, stats=pipe.load_stats)
     return pipe
 
 

@@ -68,6 +68,8 @@ class Pipeline:
         self.parallel = None  # the USP runtime, attached by core.load(use_usp=True)
         self.offload = None  # the core.offload.Offload, attached by core.load(offload=...)
         self._trace: dict[str, Any] | None = None  # stage -> value while tracing (see tracing())
+        self.lossy: str | None = None  # why outputs are not exact (fp8 weight storage), set by core.load
+        self.load_stats = None  # what loading weights= read and cast (core.weight_reader.LoadStats)
 
     # -- components ----------------------------------------------------------------------------
     def components(self) -> dict[str, nn.Module]:

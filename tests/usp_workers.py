@@ -6,7 +6,7 @@ import sys
 import torch
 
 PROMPT = "a lighthouse on a cliff at dusk"
-UNEVEN = dict(height=48, width=112)  # 3×7 = 21 image tokens: divides by neither 2 nor 4
+UNEVEN = dict(height=40, width=56)  # (40/8)·(56/8) = 35 image tokens: remainder 1 on 2 ranks, 3 on 4
 EVEN = dict(height=64, width=64)  # 4×4... 8×8 = 64 tokens
 
 
@@ -24,8 +24,74 @@ def _error(pipe, ref, **call) -> float:
     return rel_error(pipe(PROMPT, **args).tensor(), ref(PROMPT, **args).tensor())
 
 
+def _output(pipe, **call):
+    args = {"seed": 3, "num_inference_steps": 2, "progress": False, "guidance_scale": 3.0, **call}
+    return pipe(PROMPT, **args).tensor()
+
+
+def _gathered_bytes_per_block(dit) -> list[int]:
+    """Hooks on every block: the bytes of the DiT's parameters that are whole (not a shard) when
+    the block starts. Sharded weights must hold the root's own parameters and that block only."""
+    from torch.distributed.tensor import DTensor
+
+    from core.compile import _block_classes
+
+    seen, handles = [], []
+
+    def count(module, args):
+        seen.append(sum(p.numel() * p.element_size() for p in dit.parameters() if not isinstance(p, DTensor)))
+
+    for cls_name in dit._repeated_blocks:
+        for block in _block_classes("dit", dit, cls_name)[1]:
+            handles.append(block.register_forward_pre_hook(count))
+    return seen, handles
+
+
+def sharded_weights(subject, ref, unsharded, results: dict, tag: str, **layout) -> object:
+    """``shard_weights=True`` on this USP layout: bit-identical to the same layout unsharded, equal
+    to one process, on an uneven token count (remainder asserted); this rank holds 1/N of the DiT's
+    parameters (reported by ``pipe.parallel.weight_shards``) and gathers one block at a time."""
+    import torch.distributed as dist
+
+    from core.parallel.weight_shards import local_bytes, parameter_bytes
+
+    world = dist.get_world_size()
+    pipe = subject.build(use_usp=True, shard_weights=True, **layout)
+    report = pipe.parallel.weight_shards.components["dit"]
+    pipe.parallel.clear_splits()
+    got = _output(pipe, **UNEVEN)
+    remainders = [s["remainder"] for s in pipe.parallel.splits()]
+    assert any(remainders), f"the uneven case split nothing with a remainder: {pipe.parallel.splits()}"
+    results[f"{tag} sharded vs one process uneven"] = rel_error_of(got, _output(ref, **UNEVEN))
+    results[f"{tag} sharded vs unsharded uneven (bitwise)"] = (got - _output(unsharded, **UNEVEN)).abs().max().item()
+    results[f"{tag} sharded vs one process even"] = _error(pipe, ref, **EVEN)
+    # per-rank bytes: what the report says is what this rank holds, 1/N of the whole up to padding
+    total = parameter_bytes(ref.dit)
+    mine = local_bytes(pipe.dit)
+    summed = torch.tensor([mine], dtype=torch.int64)
+    dist.all_reduce(summed)
+    params = list(ref.dit.parameters())
+    padding = sum(p[0].numel() * p.element_size() for p in params if p.dim()) + sum(p.element_size() for p in params)
+    assert report.total_bytes == total and report.rank_bytes == mine, (report, total, mine)
+    assert mine <= total / world + padding and total <= summed.item() <= total + world * padding, (mine, total, summed)
+    results[f"{tag} dit bytes on this rank / whole"] = mine / total
+    # gathered just in time: at each block, the root's own parameters plus that block, never more
+    from core.compile import _block_classes
+
+    blocks = [b for c in ref.dit._repeated_blocks for b in _block_classes("dit", ref.dit, c)[1]]
+    own = total - sum(parameter_bytes(b) for b in blocks)
+    seen, handles = _gathered_bytes_per_block(pipe.dit)
+    _output(pipe, **EVEN)
+    for h in handles:
+        h.remove()
+    assert seen and max(seen) <= own + max(parameter_bytes(b) for b in blocks), (seen, own)
+    results[f"{tag} most gathered at a block / whole"] = max(seen) / total
+    return pipe
+
+
 def four_ranks(site: str) -> dict:
-    """Ulysses 4, Ulysses 2 × ring 2, and cfg-parallel (CFG branches on two rank halves)."""
+    """Ulysses 4, Ulysses 2 × ring 2, and cfg-parallel (CFG branches on two rank halves); sharded
+    weights on Ulysses 2 × ring 2."""
     subject = _subject(site)
     ref = subject.build()
     results = {}
@@ -33,6 +99,8 @@ def four_ranks(site: str) -> dict:
         pipe = subject.build(use_usp=True, ulysses_degree=u, ring_degree=r, cfg_parallel=cfg)
         for name, call in (("uneven", UNEVEN), ("even", EVEN)):
             results[f"u{u} r{r} cfg={cfg} {name}"] = _error(pipe, ref, **call)
+        if (u, r, cfg) == (2, 2, False):
+            sharded_weights(subject, ref, pipe, results, "u2 r2", ulysses_degree=2, ring_degree=2)
         pipe.parallel.remove()
     return results
 
@@ -68,7 +136,30 @@ def compile_and_diverge(site: str) -> dict:
         results["divergence"] = "not detected"
     except ParallelError as exc:
         results["divergence"] = str(exc)
+    # sharded weights, eager then compiled: one more graph per block class (the FSDP subclass of
+    # each block is a new type for dynamo), then none
+    from core.compile import graphs_compiled
+
+    sharded = sharded_weights(subject, subject.build(), eager, results, "u1 r2", ulysses_degree=1, ring_degree=2)
+    before = {p.target: graphs_compiled(p) for p in compiled.compile_report.parts if p.how == "regional"}
+    report = sharded.compile_pipeline(compile_models=["dit"])
+    results["compile+shard vs eager+usp"] = rel_error_of(_output(sharded, **UNEVEN), _output(eager, **UNEVEN))
+    first = {p.target: graphs_compiled(p) - before[p.target] for p in report.parts}
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for scale, call in [(1.0, EVEN), (3.0, dict(height=32, width=80))]:
+                _output(sharded, guidance_scale=scale, **call)
+        results["compile+shard recompiled"] = "no"
+    except RuntimeError as exc:
+        results["compile+shard recompiled"] = str(exc)[-400:]
+    results["compile+shard graphs per block class"] = first
     return results
+
+
+def rel_error_of(got, ref) -> float:
+    from core.testing.checks import rel_error
+
+    return rel_error(got, ref)
 
 
 def failing_rank(site: str) -> None:

@@ -242,10 +242,10 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
     # 2. build for real without random init
     mode, group = offload
     if mode == "disk":  # parameters never allocated: the blocks stay in the mapped files
-        from .offload import load_mapped, meta_parameters
+        from .offload import load_mapped
 
         build_device = torch.device("cpu") if device.type != "cpu" else device
-        with no_init_weights(), meta_parameters():
+        with no_init_weights(), deferred_parameters():
             pipe = _call_factory(spec, plugin, config, device=build_device, dtype=dtype, weights=root, **options)
         _store_weights(pipe, storage)
         load_mapped(pipe, layout, root, checked, device, dict(spec.repeated_blocks), group)

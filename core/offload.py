@@ -47,7 +47,7 @@ from .errors import InputError, WeightsError
 
 __all__ = [
     "MODES", "CHOICES", "Offload", "Footprint", "resolve_mode", "footprint", "needed_bytes", "choose_mode",
-    "meta_parameters", "load_mapped", "check_fits", "fit_hint",
+    "load_mapped", "check_fits", "fit_hint",
 ]
 
 MODES = ("model", "block", "disk")
@@ -361,42 +361,13 @@ def _cached_footprint(pipe) -> Footprint:
 
 
 # ---------------------------------------------------------------------------------------------
-# Disk mode: building without parameter memory, then mapping the checkpoint
-
-
-@contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device, and conversions (``.to``,
-    ``.float()``...) keep them there with the converted dtype; buffers stay real, so rotary tables
-    computed in ``__init__`` keep their values. The model's parameter memory is never allocated
-    (a factory's ``.to(dtype)`` would otherwise write a whole copy); :func:`load_mapped` fills
-    the parameters from the checkpoint."""
-    register, apply_fn = nn.Module.register_parameter, nn.Module._apply
-
-    def register_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    def apply_keeping_meta(module, fn, recurse=True):
-        def convert(t):
-            if t.device.type != "meta":
-                return fn(t)
-            probe = fn(torch.empty(0, dtype=t.dtype))  # the dtype the conversion asks for
-            return torch.empty(t.shape, dtype=probe.dtype, device="meta")
-
-        return apply_fn(module, convert, recurse)
-
-    nn.Module.register_parameter, nn.Module._apply = register_meta, apply_keeping_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module._apply = register, apply_fn
+# Disk mode: the pipeline built without parameter memory, then the checkpoint mapped
 
 
 def load_mapped(pipe, layout, root, checked, device: torch.device, repeated_blocks: Mapping,
                 group: int) -> None:
-    """Fill a pipeline built under :func:`meta_parameters` from its checkpoint: the repeated
+    """Fill a pipeline built under :func:`core.weights.deferred_parameters` (no parameter memory:
+    a factory's ``.to(dtype)`` writes no copy; buffers real) from its checkpoint: the repeated
     blocks' parameters become the memory-mapped checkpoint tensors themselves (their storage copy
     under ``offload="disk"``; the pipeline's dtype is kept as their compute dtype), every other
     parameter a resident copy on ``device``. A parameter no file fills is a :class:`WeightsError`."""

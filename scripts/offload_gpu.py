@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import core  # noqa: E402
 from core import offload as offloading  # noqa: E402
 from core.loading import _attach, load_spec  # noqa: E402
+from core.weights import deferred_parameters  # noqa: E402
 
 PROMPT = "a red fox running through fresh snow"
 PARTS = ("parity", "compile", "step", "memory")
@@ -196,7 +197,7 @@ def _null():
 def step(device, tiny: bool, steps: int) -> dict:
     from plugins.wan.dit import WAN_DIT_CONFIGS, WanDiTConfig, WanModel
 
-    from core.offload import load_mapped, meta_parameters
+    from core.offload import load_mapped
     from core.spec import WeightFile, WeightsLayout
     from core.weights import check_layout
 
@@ -231,7 +232,7 @@ def step(device, tiny: bool, steps: int) -> dict:
         offloading.remove(block, keep_on_host=True)
         # disk: the DiT's blocks mapped from the file just written
         layout = WeightsLayout(files=[WeightFile(component="dit", path="dit.safetensors")])
-        with meta_parameters():
+        with deferred_parameters():
             mapped = _dit_holder(WanModel(config).to(dtype=dtype).eval().requires_grad_(False), torch.device("cpu"),
                                  dtype)
         checked = [check_layout(Path(tmp), layout.files[0], shape_model.to(dtype=dtype))]
@@ -255,7 +256,7 @@ def _random_pipeline(model_spec, preset: str, dtype, device):
     """The preset's pipeline with random weights held in host memory, built without ever holding
     fp32 weights (the parameters are created on the meta device, then drawn on ``device``)."""
     chosen = model_spec.presets[preset]
-    with offloading.meta_parameters():
+    with deferred_parameters():
         pipe = model_spec.pipeline(dict(chosen.config), device=torch.device("cpu"), dtype=dtype, weights=None)
     _attach(pipe, model_spec, chosen)
     replaced: dict[int, nn.Parameter] = {}

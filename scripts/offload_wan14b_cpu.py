@@ -93,7 +93,7 @@ def run(root: Path, dtype: torch.dtype) -> dict:
     from core.sampler import shifted_sigmas
     from core.spec import WeightsLayout
     from core.testing.memory import HostMemoryPeak, status_kib
-    from core.weights import check_layout
+    from core.weights import check_layout, deferred_parameters
     from plugins.wan.dit import WAN_DIT_CONFIGS, WanModel
 
     spec = core.get_registry().model(MODEL).spec
@@ -103,7 +103,7 @@ def run(root: Path, dtype: torch.dtype) -> dict:
     peak = HostMemoryPeak(interval=0.005).start()
     start = time.perf_counter()
     holder = core.Pipeline(device=device, dtype=dtype)
-    with offloading.meta_parameters():
+    with deferred_parameters():
         holder.dit = WanModel(config).to(dtype=dtype).eval().requires_grad_(False)
     checked = check_layout(root, dit_file, holder.dit)
     offloading.load_mapped(holder, WeightsLayout(files=[dit_file]), root, [checked], device,

@@ -67,6 +67,11 @@ def _preflight(args) -> str:
         raise InputError(f"--nproc must be a positive number of processes, got {args.nproc}")
     if args.shard_weights and not (args.usp or (args.nproc or 0) > 1):
         raise InputError("--shard-weights shards the weights over the USP ranks: add --nproc N (or --usp under torchrun)")
+    from .offload import shards_conflict
+
+    if args.shard_weights and (reason := shards_conflict(args.offload)):
+        raise InputError(f"--offload {args.offload} cannot be combined with --shard-weights: {reason}; use "
+                         f"--offload block with --shard-weights, or --offload {args.offload} without it")
     from .fp8_weights import resolve_weight_dtype
 
     resolve_weight_dtype(args.weight_dtype)

@@ -157,7 +157,7 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
     storage = resolve_weight_dtype(weight_dtype)
     if storage is not None and shard_weights:
         raise InputError("weight_dtype (fp8 storage) and shard_weights cannot be combined yet")
-    mode, group = _offload_request(spec, chosen, weights, device, dtype, offload, options, _plugin)
+    mode, group = _offload_request(spec, chosen, weights, device, dtype, offload, options, _plugin, shard_weights)
     build_device = torch.device("cpu") if mode is not None else device  # offloaded weights live on the host
     if weights is None:
         if not chosen.random_weights:
@@ -175,7 +175,11 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
     if mode is not None:
         from . import offload as offloading
 
-        offloading.apply(pipe, mode, device, num_blocks_per_group=group)
+        from .parallel.weight_shards import sharded_components
+
+        # sharded components are left to FSDP, which keeps their blocks' shards on the host
+        offloading.apply(pipe, mode, device, num_blocks_per_group=group,
+                         sharded=sharded_components(pipe) if shard_weights else ())
     if use_usp:
         from .parallel import attach_usp
 
@@ -183,7 +187,7 @@ def load_spec(spec, preset=None, weights=None, device=None, dtype=None, *, use_u
         if shard_weights:
             from .parallel.weight_shards import shard_pipeline
 
-            shard_pipeline(pipe)
+            shard_pipeline(pipe, shards_on_host=mode == "block")
     return pipe
 
 
@@ -206,11 +210,12 @@ def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
     pipe.preset_config = dict(preset.config)
 
 
-def _offload_request(spec, preset, weights, device, dtype, offload, options, plugin) -> tuple[str | None, int]:
+def _offload_request(spec, preset, weights, device, dtype, offload, options, plugin,
+                     shard_weights: bool = False) -> tuple[str | None, int]:
     """The offload mode (``"auto"`` resolved against the device's free memory) and group size."""
     from . import offload as offloading
 
-    mode = offloading.resolve_mode(offload, has_weights=weights is not None)
+    mode = offloading.resolve_mode(offload, has_weights=weights is not None, shard_weights=shard_weights)
     group = offloading.check_group_size(options.pop("num_blocks_per_group", 1))
     if mode is None and group != 1:
         raise InputError("num_blocks_per_group needs offload='block' or 'disk'")

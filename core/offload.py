@@ -29,6 +29,13 @@ compute copies are ordinary tensors made outside inference mode, so a compiled b
 same guards whatever memory its parameters occupy: no recompilation when blocks move. On a CPU
 the compute device is the CPU, and the copy is still made and released, so the mechanism is the
 same and observable (``Offload.materialised()``, data pointers).
+
+With weights sharded across ranks (``shard_weights=True``) only ``"block"`` composes
+(:func:`shards_conflict` says why the others do not): the sharded components (those with
+repeated blocks) are left to FSDP, which keeps each rank's shard of every block in host memory
+and copies it to the device just before gathering the block; this module offloads the rest.
+fp8 weight storage (``weight_dtype``) composes with every mode: the stored fp8 parameter is what
+moves (under ``"disk"``, the mapped file's values cast to fp8 per call).
 """
 from __future__ import annotations
 
@@ -46,8 +53,8 @@ from torch import nn
 from .errors import InputError, WeightsError
 
 __all__ = [
-    "MODES", "CHOICES", "Offload", "Footprint", "resolve_mode", "footprint", "needed_bytes", "choose_mode",
-    "load_mapped", "check_fits", "fit_hint",
+    "MODES", "CHOICES", "Offload", "Footprint", "resolve_mode", "shards_conflict", "footprint", "needed_bytes",
+    "choose_mode", "load_mapped", "check_fits", "fit_hint",
 ]
 
 MODES = ("model", "block", "disk")
@@ -55,9 +62,9 @@ MODES = ("model", "block", "disk")
 CHOICES = (None, *MODES, "auto")
 
 
-def resolve_mode(offload, *, has_weights: bool = True) -> str | None:
+def resolve_mode(offload, *, has_weights: bool = True, shard_weights: bool = False) -> str | None:
     """``offload`` checked: ``None``/``"none"`` → ``None``, a mode name, or ``"auto"``; ``"disk"``
-    needs a checkpoint (``has_weights``)."""
+    needs a checkpoint (``has_weights``); with ``shard_weights`` only ``"block"`` (:func:`shards_conflict`)."""
     if offload is None or (isinstance(offload, str) and offload.strip().lower() in ("none", "")):
         return None
     value = offload.strip().lower() if isinstance(offload, str) else offload
@@ -67,7 +74,27 @@ def resolve_mode(offload, *, has_weights: bool = True) -> str | None:
     if value == "disk" and not has_weights:
         raise InputError("offload='disk' keeps the weights memory-mapped in the checkpoint files, so it needs "
                          "weights=<directory in the official layout>")
+    reason = shards_conflict(value) if shard_weights else None
+    if reason:
+        raise InputError(f"offload={value!r} and shard_weights=True cannot be combined: {reason}; use "
+                         f"offload='block' with shard_weights=True (each rank's shard of every block waits in host "
+                         f"memory), or offload={value!r} without shard_weights")
     return value
+
+
+def shards_conflict(mode: str | None) -> str | None:
+    """Why offload ``mode`` cannot run on weights sharded across ranks (``shard_weights=True``),
+    or ``None`` where it can. Only ``"block"`` composes: FSDP keeps each rank's shard of every
+    block in host memory and copies it to the device just before the block's all-gather
+    (:func:`core.parallel.weight_shards.shard_pipeline`, ``shards_on_host``); the components
+    without repeated blocks get this module's block offload."""
+    return {
+        "model": "model offload moves whole components to the device per call, and a sharded component is never "
+                 "whole (FSDP gathers it one block at a time)",
+        "disk": "disk offload keeps the blocks in the memory-mapped checkpoint files, and sharding copies each "
+                "rank's 1/N of them into memory of its own",
+        "auto": "auto chooses from estimates that do not count sharded weights",
+    }.get(mode)
 
 
 def check_group_size(n) -> int:
@@ -474,6 +501,8 @@ class Offload:
         self._lock = threading.Lock()
         self._registered: list[torch.Tensor] = []  # host buffers page-locked in place (CUDA)
         weakref.finalize(self, _unregister_host, self._registered)
+        self.sharded: tuple[str, ...] = ()
+        """Components left to FSDP's own offload of their shards (set by :func:`apply`)."""
         self.bytes_on_device = 0
         self.peak_bytes_on_device = 0
         """Compute copies (and prefetches) of offloaded units at once, now and at the peak."""
@@ -782,8 +811,9 @@ class Offload:
     def __repr__(self) -> str:
         from .guards import format_bytes
 
+        sharded = f", sharded={list(self.sharded)} (their shards wait in host memory)" if self.sharded else ""
         return (f"Offload(mode={self.mode!r}, device={self.device}, units={len(self.units)}, "
-                f"offloaded={format_bytes(self.offloaded_bytes())}, group={self.group})")
+                f"offloaded={format_bytes(self.offloaded_bytes())}, group={self.group}{sharded})")
 
 
 def _register_host(flat: torch.Tensor) -> bool:
@@ -803,18 +833,24 @@ def _unregister_host(flats: list[torch.Tensor]) -> None:
         torch.cuda.cudart().cudaHostUnregister(flats.pop().data_ptr())
 
 
-def apply(pipe, mode: str, device, *, num_blocks_per_group: int = 1, prefetch: bool | None = None) -> Offload:
+def apply(pipe, mode: str, device, *, num_blocks_per_group: int = 1, prefetch: bool | None = None,
+          sharded: Iterable[str] = ()) -> Offload:
     """Offload ``pipe``'s components per ``mode`` for compute on ``device``; sets ``pipe.offload``
-    and ``pipe.device``. The pipeline's parameters must be on the host (built there, or mapped)."""
+    and ``pipe.device``. The pipeline's parameters must be on the host (built there, or mapped).
+    ``sharded`` names components left to FSDP (``shard_weights=True``), which offloads their shards
+    itself."""
     if getattr(pipe, "offload", None) is not None:
         raise InputError(f"{type(pipe).__name__} is already offloaded ({pipe.offload.mode!r})")
     compute_dtypes = pipe.__dict__.pop("_ditkit_compute_dtypes", None)
     if mode == "disk" and compute_dtypes is None:
         raise InputError("offload='disk' keeps the blocks in the memory-mapped checkpoint files: build the pipeline "
                          "with core.load(..., weights=<checkpoint directory>, offload='disk')")
-    off = Offload(_components(pipe), mode, device, num_blocks_per_group=num_blocks_per_group,
+    sharded = tuple(sharded)
+    components = {name: module for name, module in _components(pipe).items() if name not in sharded}
+    off = Offload(components, mode, device, num_blocks_per_group=num_blocks_per_group,
                   repeated_blocks=_declared(pipe, "repeated_blocks"), methods=_declared(pipe, "compiled_methods"),
                   compute_dtypes=compute_dtypes, prefetch=prefetch)
+    off.sharded = sharded
     pipe.offload = off
     pipe.device = off.device
     return off

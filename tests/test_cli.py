@@ -68,7 +68,9 @@ def _umask() -> int:
     return mask
 
 
-@pytest.mark.parametrize("args,named", [(["--shard-weights"], "--nproc"), (["--weight-dtype", "int4"], "float8_e4m3fn")])
+@pytest.mark.parametrize("args,named", [(["--shard-weights"], "--nproc"), (["--weight-dtype", "int4"], "float8_e4m3fn"),
+                                        (["--nproc", "2", "--shard-weights", "--offload", "model"],
+                                         "--offload model cannot be combined with --shard-weights")])
 def test_memory_flags_are_checked_before_any_work(example, tmp_path, capsys, args, named):
     from core.cli import main
 

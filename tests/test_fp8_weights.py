@@ -65,3 +65,5 @@ def test_unknown_weight_dtype_and_the_kit_refuse(example):
         example.load("example-dit", weight_dtype="int4")
     with pytest.raises(InputError, match="lossy"):
         Subject("example-dit").build(weight_dtype="float8_e4m3fn")
+    with pytest.raises(InputError, match="weight_dtype .* and shard_weights cannot be combined"):
+        example.load("example-dit", weight_dtype="float8_e4m3fn", use_usp=True, shard_weights=True)

@@ -31,10 +31,15 @@ def test_four_ranks_ulysses_ring_and_cfg_parallel_equal_one_process(example_site
 
 
 def test_compile_with_usp_equals_eager_usp_without_recompiling_and_divergence_is_caught(example_site):
-    # (and block / model offload under USP equal USP without offload, bit for bit)
+    # (and block / model offload under USP equal USP without offload, bit for bit; so do sharded
+    # weights under block offload, their blocks' shards in host memory, the DiT left to FSDP)
     results = launch(usp_workers.compile_and_diverge, 2, args=(str(example_site),), timeout=400)
     assert results["compile+usp vs eager+usp"] <= TOL, results
     assert results["usp+block offload equals usp"] and results["usp+model offload equals usp"], results
+    assert results["usp+shard+block equals usp (bitwise)"], results
+    assert results["usp+shard+block fsdp offload policies"] == {"root": ["OffloadPolicy"],
+                                                                 "blocks": ["CPUOffloadPolicy"]}, results
+    assert results["usp+shard+block left to fsdp"] == (["dit"], []), results
     assert results["recompiled"] == "no", results["recompiled"]
     assert "ranks diverged" in results["divergence"], results["divergence"]
     _assert_sharded(results, "u1 r2", 2)

@@ -47,6 +47,17 @@ def _gathered_bytes_per_block(dit) -> list[int]:
     return seen, handles
 
 
+def _offload_policies(dit) -> dict[str, str]:
+    """FSDP's offload policy per unit kind of the sharded DiT: the root, and the set over blocks.
+    (FSDP2 has no public accessor; its param group holds the policy it applies.)"""
+    policies = {}
+    for path, m in dit.named_modules():
+        if hasattr(m, "_get_fsdp_state"):
+            name = type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
+            policies.setdefault("root" if not path else "blocks", set()).add(name)
+    return {k: sorted(v) for k, v in policies.items()}
+
+
 def sharded_weights(subject, ref, unsharded, results: dict, tag: str, **layout) -> object:
     """``shard_weights=True`` on this USP layout: bit-identical to the same layout unsharded, equal
     to one process, on an uneven token count (remainder asserted); this rank holds 1/N of the DiT's
@@ -124,6 +135,13 @@ def compile_and_diverge(site: str) -> dict:
         same = torch.equal(offloaded(PROMPT, **args).tensor(), eager(PROMPT, **args).tensor())
         results[f"usp+{mode} offload equals usp"] = same and offloaded.offload.materialised() == []
         offloaded.parallel.remove()
+    # sharded weights + block offload: FSDP keeps each block's shard in host memory, the DiT's own
+    # parameters on the device; core.offload handles the other components and leaves the DiT alone
+    both = subject.build(use_usp=True, ulysses_degree=1, ring_degree=2, shard_weights=True, offload="block")
+    results["usp+shard+block equals usp (bitwise)"] = torch.equal(_output(both, **UNEVEN), _output(eager, **UNEVEN))
+    results["usp+shard+block fsdp offload policies"] = _offload_policies(both.dit)
+    results["usp+shard+block left to fsdp"] = list(both.offload.sharded), sorted({u.component for u in both.offload.units})
+    both.parallel.remove()
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
             for scale, call in [(1.0, UNEVEN), (3.0, EVEN), (1.0, dict(height=32, width=80))]:

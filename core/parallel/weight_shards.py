@@ -13,12 +13,13 @@ This is inference: the pipeline runs under ``torch.inference_mode``, no gradient
 nothing is reduced. Blocks stay the units regional compile knows (one graph per block class: the
 FSDP hooks run outside the compiled ``forward``).
 
-Composition with block offload (``offload="block"``, built separately): FSDP2 already offloads
-the *shard*: ``fully_shard(..., offload_policy=CPUOffloadPolicy(pin_memory=True))`` keeps each
-rank's 1/N in pinned host memory and copies it to the device just before the all-gather. A
-block both sharded and offloaded therefore moves 1/N of itself per step instead of all of it;
-:func:`shard_pipeline` takes that policy (``offload_policy``) so the offload mode can hand it
-over instead of installing its own hooks on sharded blocks.
+Composition with block offload (``core.load(..., shard_weights=True, offload="block")``): FSDP2
+offloads the *shard* itself. With ``shards_on_host=True`` every block unit is sharded with
+``CPUOffloadPolicy`` (pinned on CUDA), which keeps each rank's 1/N of the block in host memory and
+copies it to the device just before the all-gather; the component's own parameters (the root
+unit) stay on the device, as block offload keeps everything but the blocks. A block both sharded
+and offloaded therefore moves 1/N of itself per call instead of all of it, and
+:mod:`core.offload` leaves these components alone (it offloads the others).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from torch import nn
 
 from core.errors import ParallelError
 
-__all__ = ["ShardedComponent", "WeightShards", "shard_pipeline", "shard_component", "parameter_bytes", "local_bytes"]
+__all__ = ["ShardedComponent", "WeightShards", "shard_pipeline", "shard_component", "sharded_components",
+           "parameter_bytes", "local_bytes"]
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -63,6 +65,8 @@ class ShardedComponent:
     total_bytes: int
     rank_bytes: int
     """This rank's parameter bytes after sharding."""
+    shards_on_host: bool = False
+    """The blocks' shards wait in host memory (``offload="block"``)."""
 
 
 @dataclass
@@ -76,8 +80,8 @@ class WeightShards:
         return {"ranks": self.world, "components": {k: asdict(v) for k, v in self.components.items()}}
 
     def __str__(self) -> str:
-        parts = [f"{c.name} {_gb(c.rank_bytes)} of {_gb(c.total_bytes)} ({sum(c.blocks.values())} blocks)"
-                 for c in self.components.values()]
+        parts = [f"{c.name} {_gb(c.rank_bytes)} of {_gb(c.total_bytes)} ({sum(c.blocks.values())} blocks"
+                 + (", their shards in host memory)" if c.shards_on_host else ")") for c in self.components.values()]
         return f"weights sharded over {self.world} ranks, parameters on this rank: " + "; ".join(parts)
 
 
@@ -94,37 +98,46 @@ def _device_mesh(mesh):
 
 
 def shard_component(name: str, module: nn.Module, block_classes: list[str], device_mesh, *,
-                    offload_policy=None) -> ShardedComponent:
+                    shards_on_host: bool = False) -> ShardedComponent:
     """``fully_shard`` every instance of each block class, then ``module`` itself (the root unit
-    for the remaining parameters); all reshard right after their forward."""
-    from torch.distributed.fsdp import OffloadPolicy, fully_shard
+    for the remaining parameters); all reshard right after their forward. ``shards_on_host``: the
+    blocks' shards live in host memory (``CPUOffloadPolicy``, pinned on CUDA), the root's on the device."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     from core.compile import _block_classes
 
     total = parameter_bytes(module)
-    policy = offload_policy or OffloadPolicy()
+    on_device = OffloadPolicy()
+    blocks = CPUOffloadPolicy(pin_memory=device_mesh.device_type == "cuda") if shards_on_host else on_device
     counts = {}
     for cls_name in block_classes:
         _, instances = _block_classes(name, module, cls_name)
         for block in instances:
-            fully_shard(block, mesh=device_mesh, reshard_after_forward=True, offload_policy=policy)
+            fully_shard(block, mesh=device_mesh, reshard_after_forward=True, offload_policy=blocks)
         counts[cls_name] = len(instances)
-    fully_shard(module, mesh=device_mesh, reshard_after_forward=True, offload_policy=policy)
-    return ShardedComponent(name, counts, total, local_bytes(module))
+    fully_shard(module, mesh=device_mesh, reshard_after_forward=True, offload_policy=on_device)
+    return ShardedComponent(name, counts, total, local_bytes(module), shards_on_host)
 
 
-def shard_pipeline(pipe, *, offload_policy=None) -> WeightShards:
-    """Shard every component of ``pipe`` that has repeated blocks (declared in the spec, or a
-    ``_repeated_blocks`` class attribute) over the ranks of its USP mesh; sets and returns
-    ``pipe.parallel.weight_shards``."""
+def sharded_components(pipe) -> dict[str, list[str]]:
+    """The components :func:`shard_pipeline` shards, with their repeated block classes (declared
+    in the spec, or a ``_repeated_blocks`` class attribute)."""
     from core.compile import repeated_block_names
 
+    spec = getattr(pipe, "spec", None)
+    declared = dict(spec.repeated_blocks) if spec is not None else {}
+    return {name: blocks for name, module in pipe.components().items()
+            if (blocks := repeated_block_names(module, declared.get(name, ())))}
+
+
+def shard_pipeline(pipe, *, shards_on_host: bool = False) -> WeightShards:
+    """Shard every component of ``pipe`` that has repeated blocks over the ranks of its USP mesh;
+    sets and returns ``pipe.parallel.weight_shards``. ``shards_on_host`` (``offload="block"``):
+    each block's shard waits in host memory until its all-gather."""
     if pipe.parallel is None:
         raise ParallelError("shard_weights needs use_usp=True (the weights are sharded over the USP ranks)")
     spec = pipe.spec
-    declared = dict(spec.repeated_blocks) if spec is not None else {}
-    targets = {name: blocks for name, module in pipe.components().items()
-               if (blocks := repeated_block_names(module, declared.get(name, ())))}
+    targets = sharded_components(pipe)
     if not targets:
         raise ParallelError(f"model {spec.name if spec else type(pipe).__name__!r} has no component with repeated "
                             f"blocks: shard_weights shards each declared repeated block")
@@ -133,6 +146,6 @@ def shard_pipeline(pipe, *, offload_policy=None) -> WeightShards:
     components = pipe.components()
     for name, blocks in targets.items():
         shards.components[name] = shard_component(name, components[name], blocks, device_mesh,
-                                                  offload_policy=offload_policy)
+                                                  shards_on_host=shards_on_host)
     pipe.parallel.weight_shards = shards
     return shards

@@ -310,6 +310,64 @@ def test_bad_requests_are_one_clear_error(runs, specs):
         pipe.compile_pipeline(mode="reduce-overhead")
 
 
+# -- with the checkpoint reader, fp8 storage and sharded weights -------------------------------
+
+
+def test_block_and_disk_equal_resident_loaded_from_the_same_files(runs, specs):
+    """One fp32 checkpoint (safetensors and .pth) loaded in bfloat16 three ways: resident (the
+    reader fills the deferred parameters, casting each tensor once), block (the same reader on the
+    host, then the filled parameters become the blocks' homes) and disk (the files mapped, cast
+    per call). Every path casts, and the outputs are equal bit for bit."""
+    root = runs.checkpoint("wan")
+    pipes, outs = {}, {}
+    for mode in (None, "block", "disk"):
+        pipes[mode] = load_spec(specs["wan"], "tiny", weights=root, device="cpu", dtype=torch.bfloat16, offload=mode)
+        outs[mode] = runs.generate(pipes[mode], "wan")
+    resident, block, disk = pipes[None], pipes["block"], pipes["disk"]
+    assert resident.load_stats.cast > 0 and block.load_stats.cast == resident.load_stats.cast
+    homes = [(h.dtype, d) for u in disk.offload.units for h, d in zip(u.homes, u.dtypes)]
+    assert homes and set(homes) == {(torch.float32, torch.bfloat16)}  # the file's dtype, cast per call
+    assert torch.equal(outs["block"], outs[None]) and torch.equal(outs["disk"], outs[None]), \
+        {m: (o.float() - outs[None].float()).abs().max().item() for m, o in outs.items()}
+
+
+def test_fp8_storage_moves_fp8_under_every_mode_and_equals_fp8_resident(runs, specs):
+    """weight_dtype='float8_e4m3fn' with offload: the stored fp8 parameters are what the units move
+    (half of bf16's bytes per transfer) and disk casts the mapped file to fp8 per call; each mode
+    equals fp8 resident loaded from the same checkpoint, bit for bit."""
+    from torch import nn
+
+    from core.fp8_weights import Fp8Linear
+
+    spec, root = specs["example-dit"], runs.checkpoint("example-dit")
+
+    def load(mode):
+        return load_spec(spec, "tiny", weights=root, device="cpu", dtype=torch.float32, offload=mode,
+                         weight_dtype="float8_e4m3fn")
+
+    reference = runs.generate(load(None), "example-dit")
+    for mode in offloading.MODES:
+        pipe = load(mode)
+        moved = {id(p): (h.dtype, d) for u in pipe.offload.units for p, h, d in zip(u.params, u.homes, u.dtypes)}
+        layers = [m for u in pipe.offload.units for root_module in u.modules for m in root_module.modules()
+                  if isinstance(m, nn.Linear)]
+        assert layers and all(type(m) is Fp8Linear for m in layers), mode
+        file_dtype = torch.float32 if mode == "disk" else torch.float8_e4m3fn
+        assert {moved.get(id(m._parameters["weight"])) for m in layers} == {(file_dtype, torch.float8_e4m3fn)}, mode
+        assert torch.equal(runs.generate(pipe, "example-dit"), reference), mode
+
+
+@pytest.mark.parametrize("mode", ["model", "disk", "auto"])
+def test_sharded_weights_compose_with_block_offload_only(runs, specs, mode):
+    """shard_weights=True with offload='block': tests/test_usp_pipeline.py (2 ranks, bit-equal to
+    USP). The other modes are refused before anything is built, naming both options."""
+    weights = runs.checkpoint("example-dit") if mode == "disk" else None
+    with pytest.raises(InputError, match=rf"offload='{mode}' and shard_weights=True cannot be combined: .*"
+                                         rf"use offload='block' with shard_weights=True"):
+        load_spec(specs["example-dit"], "tiny", weights=weights, device="cpu", use_usp=True, shard_weights=True,
+                  offload=mode)
+
+
 # -- the CLI -----------------------------------------------------------------------------------
 
 

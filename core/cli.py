@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--offload", default=None, choices=["model", "block", "disk", "auto"],
                    help="keep weights off the device until the call that uses them: per component (model), per "
                         "repeated block (block), blocks memory-mapped in the --weights files (disk), or the least "
-                        "that fits (auto)")
+                        "that fits (auto); with --shard-weights only block")
     r.add_argument("--usp", action="store_true", help="sequence-parallel across the ranks of this torchrun job")
     r.add_argument("--nproc", type=int, default=0, help="launch N local processes (CPU: gloo) and run with --usp")
     r.add_argument("--shard-weights", action="store_true",

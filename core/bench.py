@@ -356,10 +356,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="measure one variant after the other (default: all resident, steps round-robin)")
     parser.add_argument("--no-progress", action="store_true")
+    from .load_bench import add_arguments as load_arguments
+
+    load_arguments(parser)  # --load --weights DIR: loading against the disk (core/load_bench.py)
 
 
 def main(args) -> int:
     """Run ``ditkit bench`` with parsed ``args``; print the table, write ``--json``."""
+    if args.load or args.weights:
+        from .load_bench import main as load_main
+
+        return load_main(args)
     report = run_bench(
         args.model, preset=args.preset, device=args.device, dtype=args.dtype,
         compare=tuple(v.strip() for v in args.compare.split(",") if v.strip()), steps=args.steps,

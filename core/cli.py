@@ -27,6 +27,10 @@ def _cmd_plugins(args) -> int:
         for r in registry.models()
     }
     if args.json:
+        from .sizes import sizes_report
+
+        for r in registry.models():
+            models[r.spec.name]["sizes"] = sizes_report(r.spec)
         print(json.dumps({"plugins": plugins, "models": models, "load_errors": failures}, indent=2))
         return 0
     if not plugins and not failures:
@@ -63,13 +67,23 @@ def _preflight(args) -> str:
 
     if args.nproc is not None and args.nproc < 0:
         raise InputError(f"--nproc must be a positive number of processes, got {args.nproc}")
+    if args.shard_weights and not (args.usp or (args.nproc or 0) > 1):
+        raise InputError("--shard-weights shards the weights over the USP ranks: add --nproc N (or --usp under torchrun)")
+    from .offload import shards_conflict
+
+    if args.shard_weights and (reason := shards_conflict(args.offload)):
+        raise InputError(f"--offload {args.offload} cannot be combined with --shard-weights: {reason}; use "
+                         f"--offload block with --shard-weights, or --offload {args.offload} without it")
+    from .fp8_weights import resolve_weight_dtype
+
+    resolve_weight_dtype(args.weight_dtype)
     spec = get_registry().model(args.model).spec
     kind = spec.capabilities.output
     out = args.out or default_output_name(spec.name, kind)
     check_output_path(out, kind)
     _check_wav(args, kind)
     meta = check_call(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
-                      prompt=args.prompt, seed=args.seed, **_generation_args(args))
+                      prompt=args.prompt, seed=args.seed, offload=args.offload, **_generation_args(args))
     from .declarations import check_declarations
 
     # what the plugin declares for compile and USP, against the model built on the meta device
@@ -115,9 +129,18 @@ def _cmd_run(args) -> int:
         return relaunch_cli(args.nproc, argv, entry=_rank_main)
     options = {}
     if args.usp:
-        options.update(use_usp=True)
-    pipe = core.load(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype, **options)
+        options.update(use_usp=True, shard_weights=args.shard_weights)
+    if args.offload:
+        options.update(offload=args.offload)
+    pipe = core.load(args.model, preset=args.preset, weights=args.weights, device=args.device, dtype=args.dtype,
+                     weight_dtype=args.weight_dtype, **options)
     is_main = pipe.parallel is None or pipe.parallel.is_main
+    if pipe.offload is not None and is_main:
+        print(pipe.offload)
+    if is_main and pipe.parallel is not None and pipe.parallel.weight_shards is not None:
+        print(pipe.parallel.weight_shards)
+    if is_main and pipe.lossy:
+        print(f"lossy: {pipe.lossy}")
     for text in args.lora or ():
         from .lora import parse_lora_arg
 
@@ -254,8 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true", help="compile_pipeline() first and print its report")
     r.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="compile, loading the matching portable compile-cache bundle from DIR; save it after the run")
+    r.add_argument("--offload", default=None, choices=["model", "block", "disk", "auto"],
+                   help="keep weights off the device until the call that uses them: per component (model), per "
+                        "repeated block (block), blocks memory-mapped in the --weights files (disk), or the least "
+                        "that fits (auto); with --shard-weights only block")
     r.add_argument("--usp", action="store_true", help="sequence-parallel across the ranks of this torchrun job")
     r.add_argument("--nproc", type=int, default=0, help="launch N local processes (CPU: gloo) and run with --usp")
+    r.add_argument("--shard-weights", action="store_true",
+                   help="with --nproc/--usp: each rank keeps 1/N of the DiT and gathers a block just before it runs")
+    r.add_argument("--weight-dtype", default=None, metavar="float8_e4m3fn",
+                   help="store linear weights in fp8 and cast per call (half of bf16's memory; lossy, opt-in)")
     r.add_argument("--out", default=None, help="output file: PNG for images, MP4 for video, WAV for audio "
                    "(default: MODEL.png/.mp4/.wav in the current folder, e.g. wan2.1-t2v-1.3b.mp4)")
     r.add_argument("--wav", default=None, metavar="FILE", help="video+audio models: also write the audio track as WAV")

@@ -145,6 +145,18 @@ def _bind(module: nn.Module, method: str, compiled) -> None:
     done.add(method)
 
 
+def _declared_class(m: nn.Module) -> type:
+    """``m``'s own class: FSDP2's ``fully_shard`` (sharded weights) swaps in a subclass
+    ``FSDP<Name>``, which must still match the declared block name and share its graph."""
+    import sys
+
+    cls = type(m)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and issubclass(cls, fsdp.FSDPModule):
+        return next(c for c in cls.__mro__[1:] if not issubclass(c, fsdp.FSDPModule))
+    return cls
+
+
 def _block_classes(name: str, module: nn.Module, cls_name: str) -> tuple[type, list[nn.Module]]:
     """The one class named ``cls_name`` inside ``module`` and its instances.
 
@@ -154,8 +166,8 @@ def _block_classes(name: str, module: nn.Module, cls_name: str) -> tuple[type, l
     """
     by_class: dict[type, list[str]] = {}
     for path, m in module.named_modules():
-        if type(m).__name__ == cls_name:
-            by_class.setdefault(type(m), []).append(path or "<root>")
+        if _declared_class(m).__name__ == cls_name:
+            by_class.setdefault(_declared_class(m), []).append(path or "<root>")
     if not by_class:
         present = sorted({type(m).__name__ for m in module.modules()})
         raise CompileError(
@@ -170,7 +182,7 @@ def _block_classes(name: str, module: nn.Module, cls_name: str) -> tuple[type, l
             f"({listing}); they cannot share one compiled forward. Rename one of them."
         )
     (cls,) = by_class
-    return cls, [m for m in module.modules() if type(m) is cls]
+    return cls, [m for m in module.modules() if _declared_class(m) is cls]
 
 
 def persistent_cache_dir() -> str | None:

@@ -112,14 +112,15 @@ def available_bytes(device: torch.device) -> int | None:
     return min(known) if known else None
 
 
-def check_fits(estimated: int, device: torch.device, what: str) -> None:
+def check_fits(estimated: int, device: torch.device, what: str, hint: str = "") -> None:
     """:class:`InputError` when ``estimated`` bytes (a lower bound of the generation's peak) exceed
-    what ``device`` has; ``what`` names the request (``"1x16384x16384, 1 frame"``)."""
+    what ``device`` has; ``what`` names the request (``"1x16384x16384, 1 frame"``); ``hint`` is
+    the advice the message ends with (:func:`core.offload.fit_hint` names an offload mode)."""
     free = available_bytes(device)
     if free is not None and estimated > free:
         raise InputError(
             f"{what} needs at least {format_bytes(estimated)} on {device}, but only {format_bytes(free)} "
-            f"is available; use a smaller size (or tiled decoding where the model has it)"
+            f"is available; {hint or 'use a smaller size (or tiled decoding where the model has it)'}"
         )
 
 

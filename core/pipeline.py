@@ -66,7 +66,10 @@ class Pipeline:
         self._compile_bundle = None  # (path, key) of the portable compile cache, see compile_pipeline
         self.compile_report: CompileReport | None = None
         self.parallel = None  # the USP runtime, attached by core.load(use_usp=True)
+        self.offload = None  # the core.offload.Offload, attached by core.load(offload=...)
         self._trace: dict[str, Any] | None = None  # stage -> value while tracing (see tracing())
+        self.lossy: str | None = None  # why outputs are not exact (fp8 weight storage), set by core.load
+        self.load_stats = None  # what loading weights= read and cast (core.weight_reader.LoadStats)
 
     # -- components ----------------------------------------------------------------------------
     def components(self) -> dict[str, nn.Module]:
@@ -75,6 +78,9 @@ class Pipeline:
     def to(self, device=None, dtype=None) -> "Pipeline":
         """Move every component to ``device`` and, when given, cast its floating-point weights to
         ``dtype`` (the pipeline's compute dtype follows)."""
+        if getattr(self, "offload", None) is not None:
+            raise InputError(f"{type(self).__name__} is offloaded ({self.offload.mode!r}): its weights move per call; "
+                             f"choose the device with core.load(..., device=...) instead of .to()")
         for module in self.components().values():
             module.to(device=device, dtype=dtype)
         if device is not None:
@@ -127,6 +133,8 @@ class Pipeline:
         if absent:
             raise CompileError(f"compilable component(s) {absent} are not nn.Module attributes of {type(self).__name__}")
         options = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, **kwargs}
+        if getattr(self, "offload", None) is not None:
+            self.offload.check_compile(options)
         loaded = unreadable = None
         if cache_dir is not None:
             from .compile_cache import open_bundle
@@ -147,6 +155,8 @@ class Pipeline:
 
             raise CompileError(f"{declared_by(self)}: {exc}") from None
         report.bundle_loaded, report.bundle_unreadable = loaded, unreadable
+        if getattr(self, "offload", None) is not None:
+            self.offload.compiled(report)  # compiled methods run inside the offload wrappers
         self.compile_report = report
         return report
 
@@ -246,7 +256,9 @@ class Pipeline:
             frames = args.get("num_frames")
             what = (f"{args.get('height')}x{args.get('width')}" + (f", {frames} frames" if frames else "")
                     + f" with {type(self).__name__}")
-            guards.check_fits(int(estimated), self.device, what)
+            from .offload import check_fits
+
+            check_fits(self, int(estimated), what)  # plus what the offload mode materialises per call
 
     def estimate_bytes(self, args: dict[str, Any]) -> int:
         """A lower bound of the peak memory one call with ``args`` takes on ``self.device``,
@@ -285,7 +297,8 @@ class Pipeline:
         )
         args["generator"] = generator
         self.check_inputs(args)
-        with torch.inference_mode():
+        offload = getattr(self, "offload", None)
+        with torch.inference_mode(), (offload.generation() if offload is not None else contextlib.nullcontext()):
             output = self.generate(progress=progress, **contract.generate_arguments(self, args))
         # one place for every plugin: a non-Output or non-finite result never reaches a writer
         guards.check_output_tensors(output, plugin=self._plugin_name(), model=self._model_name())

@@ -19,6 +19,16 @@ def test_plugins_json_lists_distribution_hooks_models_and_load_errors(plugin_sit
     assert plugin["hooks"] == ["ditkit_register_models"] and plugin["models"] == ["example-dit"]
     assert out["models"]["example-dit"]["aliases"] == ["example"]
     assert [e["distribution"] for e in out["load_errors"]] == ["ditkit-broken-plugin"]
+    # parameter bytes per preset and component, from a build on the meta device
+    sizes = out["models"]["example-dit"]["sizes"]
+    assert sizes["dtype"] == "bfloat16" and set(sizes["presets"]) == {"tiny", "base"}
+    tiny_dit = sizes["presets"]["tiny"]["dit"]
+    assert tiny_dit == {"parameters": 297168, "bytes": 2 * 297168}
+    assert sizes["presets"]["base"]["dit"]["parameters"] > tiny_dit["parameters"]
+    # real size: Wan2.1-T2V-1.3B's published DiT holds 1,418,996,800 parameters, its umT5-XXL 5.68 B
+    wan = out["models"]["wan2.1-t2v-1.3b"]["sizes"]["presets"]["official"]
+    assert wan["dit"] == {"parameters": 1418996800, "bytes": 2 * 1418996800}
+    assert wan["text_encoder"]["parameters"] == 5680910336 and wan["vae"]["bytes"] == 4 * 126892531
 
 
 def test_plugins_text_shows_the_load_error(plugin_site):
@@ -56,3 +66,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("args,named", [(["--shard-weights"], "--nproc"), (["--weight-dtype", "int4"], "float8_e4m3fn"),
+                                        (["--nproc", "2", "--shard-weights", "--offload", "model"],
+                                         "--offload model cannot be combined with --shard-weights")])
+def test_memory_flags_are_checked_before_any_work(example, tmp_path, capsys, args, named):
+    from core.cli import main
+
+    assert main(["run", "example", "--out", str(tmp_path / "x.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ditkit: error:") and named in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()

@@ -56,6 +56,32 @@ def test_no_recompilation_across_steps_cfg_and_resolutions(pipes):
             assert out.images.shape == (1, 3, height, width)
 
 
+def test_offload_moving_the_weights_every_call_recompiles_nothing(pipes):
+    """Block and model offload give every block (every component) fresh parameter memory at each
+    call (core.offload); the compiled regions see the same guards: same graphs, same output. Under
+    model offload the VAE loads once per generation: its compiled ``decode`` runs inside the
+    VAE's unit (hooks on its submodules are inside the compiled region and never run)."""
+    from core import offload
+
+    _, compiled, report, _ = pipes
+    reference = compiled("a red fox", **ARGS).images
+    for mode in ("block", "model"):
+        off = offload.apply(compiled, mode, "cpu")
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = compiled("a red fox", **ARGS).images
+                compiled("a dog", num_inference_steps=1, seed=1, height=48, width=80, guidance_scale=1.0, progress=False)
+            assert torch.equal(out, reference), mode
+            loads = {u.name: u.loads for u in off.units}
+            if mode == "model":
+                assert loads == {"text_encoder": 2, "dit": 2, "vae": 2}, loads
+            else:
+                assert len(loads) == 4 and all(n > 0 for n in loads.values()), loads
+        finally:
+            offload.remove(compiled)
+    assert report.graphs() == {"dit:JointBlock": 1, "dit:SingleBlock": 1, "vae:TinyDecoder.decode": 1}
+
+
 def test_unknown_component_lists_the_compilable_ones(pipes):
     eager, *_ = pipes
     with pytest.raises(CompileError, match="'dit', 'vae'"):

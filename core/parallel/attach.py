@@ -42,6 +42,7 @@ class UspRuntime:
 
     def __init__(self, mesh: Mesh, handles: dict[str, UspHandle]):
         self.mesh, self.handles = mesh, handles
+        self.weight_shards = None  # core.parallel.weight_shards.WeightShards with shard_weights=True
 
     @property
     def is_main(self) -> bool:

@@ -27,7 +27,7 @@ from .errors import (
     UnknownModelError,
     WeightsError,
 )
-from .contract import CONTRACT_VERSION
+from .contract import CONTRACT_VERSION, DITKIT_VERSION
 from .hookspecs import hookimpl
 
 _LAZY = {
@@ -41,7 +41,7 @@ __all__ = [
     "DitkitError", "PluginError", "UnknownModelError", "WeightsError", "InputError", "CompileError", "ParallelError", "RankFailed",
     "OutputError", "GenerationError", "Interrupted",
 ]
-__version__ = "0.2.0"
+__version__ = DITKIT_VERSION
 """The ditkit release; :data:`CONTRACT_VERSION` is the plugin contract it implements (docs/contract.md)."""
 
 

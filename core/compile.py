@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .compile_cache import persistent_cache_dir
 from .errors import CompileError
 
 __all__ = ["CompiledPart", "CompileReport", "compile_components", "graphs_compiled", "repeated_block_names", "standalone"]
@@ -183,47 +184,6 @@ def _block_classes(name: str, module: nn.Module, cls_name: str) -> tuple[type, l
         )
     (cls,) = by_class
     return cls, [m for m in module.modules() if _declared_class(m) is cls]
-
-
-def persistent_cache_dir() -> str | None:
-    """Point inductor's on-disk cache (compiled kernels, FX graphs, AOTAutograd) at a directory that
-    outlives the process, keyed by torch version, unless the user chose one.
-
-    PyTorch's default lives under the temp directory (``/tmp/torchinductor_<user>``), which is
-    emptied on reboot and on many clusters per job; the cold first call then pays every kernel build
-    again. ``DITKIT_COMPILE_CACHE`` overrides the base directory (``off`` keeps PyTorch's default);
-    ``TORCHINDUCTOR_CACHE_DIR``, when set, always wins. Returns the directory in use (``None``
-    when left to PyTorch). A directory that cannot be written is one
-    :class:`~core.compile_cache.CompileCacheWarning` and is then off for the process.
-    """
-    import os
-    import warnings
-    from pathlib import Path
-
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    # inductor writes its default into the variable the first time it looks it up, so only a
-    # different value is the user's choice
-    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
-        return chosen
-    base = os.environ.get("DITKIT_COMPILE_CACHE")
-    if base is not None and base.strip().lower() in {"off", "0", "none", ""}:
-        return None
-    if base is None:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "ditkit")
-    path = os.path.join(base, "inductor", f"torch-{torch.__version__}")
-    from .compile_cache import CompileCacheWarning, unwritable_reason
-
-    problem = unwritable_reason(path)
-    if problem:  # a warning, once: the run goes on with PyTorch's default
-        source = "DITKIT_COMPILE_CACHE" if "DITKIT_COMPILE_CACHE" in os.environ else "the default compile cache"
-        warnings.warn(f"{source} {base!r} cannot be written ({problem}); compiled kernels are not kept across "
-                      f"processes (DITKIT_COMPILE_CACHE=off for the rest of this run)", CompileCacheWarning, stacklevel=2)
-        os.environ["DITKIT_COMPILE_CACHE"] = "off"
-        return None
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
-    return path
 
 
 def compile_components(

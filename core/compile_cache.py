@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CompileCacheWarning", "bundle_key", "bundle_path", "load_bundle", "save_bundle", "open_bundle",
+__all__ = ["CompileCacheWarning", "persistent_cache_dir", "bundle_key", "bundle_path", "load_bundle", "save_bundle", "open_bundle",
            "unwritable_reason", "check_compile_caches"]
 
 
@@ -138,12 +138,10 @@ def save_bundle(path: Path, key: dict) -> Path | None:
 
 def check_compile_caches(bundle_dir: str | os.PathLike | None) -> str | None:
     """Every compile cache a compiling run writes, checked before any work: the persistent kernel
-    cache (``DITKIT_COMPILE_CACHE`` or its default; see :func:`core.compile.persistent_cache_dir`,
+    cache (``DITKIT_COMPILE_CACHE`` or its default; see :func:`persistent_cache_dir`,
     which turns one it cannot write off for the process, so it is reported once) and the bundle
     folder. Each that cannot be written is one :class:`CompileCacheWarning`. Returns ``bundle_dir``,
     or ``None`` when it cannot be written (compile without a bundle)."""
-    from .compile import persistent_cache_dir
-
     persistent_cache_dir()
     if bundle_dir is None:
         return None
@@ -153,3 +151,38 @@ def check_compile_caches(bundle_dir: str | os.PathLike | None) -> str | None:
                       f"portable bundle", CompileCacheWarning, stacklevel=2)
         return None
     return str(bundle_dir)
+
+
+def persistent_cache_dir() -> str | None:
+    """Point inductor's on-disk cache (compiled kernels, FX graphs, AOTAutograd) at a directory that
+    outlives the process, keyed by torch version, unless the user chose one.
+
+    PyTorch's default lives under the temp directory (``/tmp/torchinductor_<user>``), which is
+    emptied on reboot and on many clusters per job; the cold first call then pays every kernel build
+    again. ``DITKIT_COMPILE_CACHE`` overrides the base directory (``off`` keeps PyTorch's default);
+    ``TORCHINDUCTOR_CACHE_DIR``, when set, always wins. Returns the directory in use (``None``
+    when left to PyTorch). A directory that cannot be written is one
+    :class:`CompileCacheWarning` and is then off for the process.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # inductor writes its default into the variable the first time it looks it up, so only a
+    # different value is the user's choice
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
+    base = os.environ.get("DITKIT_COMPILE_CACHE")
+    if base is not None and base.strip().lower() in {"off", "0", "none", ""}:
+        return None
+    if base is None:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "ditkit")
+    path = os.path.join(base, "inductor", f"torch-{torch.__version__}")
+    problem = unwritable_reason(path)
+    if problem:  # a warning, once: the run goes on with PyTorch's default
+        source = "DITKIT_COMPILE_CACHE" if "DITKIT_COMPILE_CACHE" in os.environ else "the default compile cache"
+        warnings.warn(f"{source} {base!r} cannot be written ({problem}); compiled kernels are not kept across "
+                      f"processes (DITKIT_COMPILE_CACHE=off for the rest of this run)", CompileCacheWarning, stacklevel=2)
+        os.environ["DITKIT_COMPILE_CACHE"] = "off"
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path

@@ -35,6 +35,9 @@ __all__ = [
     "parse_requirement", "spec_problem", "distribution_problem",
 ]
 
+DITKIT_VERSION = "0.2.0"
+"""This ditkit release (``core.__version__``; pyproject.toml says the same, a test checks it)."""
+
 CONTRACT_VERSION = "1.1"
 """The plugin contract this ditkit implements (``core.CONTRACT_VERSION``)."""
 
@@ -100,9 +103,7 @@ def distribution_problem(dist) -> str | None:
 
 
 def _running_version() -> str:
-    from . import __version__
-
-    return __version__
+    return DITKIT_VERSION
 
 
 # -- deprecated and added generation arguments -----------------------------------------------------

@@ -70,8 +70,19 @@ WeightStorage = Callable[[nn.Module, str], "list[torch.Tensor]"]
 
 
 def default_storage(module: nn.Module, name: str) -> list[torch.Tensor]:
-    """The parameter itself (its ``.data``): where a pipeline that keeps its weights in place holds them."""
-    return [getattr(module, name).data]
+    """The registered parameter itself (its ``.data``), wherever it lives between calls: in place,
+    or the home :mod:`core.offload` gives it (a host copy, or under ``offload="disk"`` the
+    copy-on-write mapping of the checkpoint file, which is never written back). The registered
+    tensor, not the attribute: fp8 storage (:mod:`core.fp8_weights`) serves ``weight`` as a cast copy.
+    A weight sharded across ranks (``shard_weights=True``) holds only this rank's rows: refused."""
+    param = module._parameters.get(name)
+    if param is None:
+        param = getattr(module, name)
+    if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
+        raise InputError(f"LoRA on weights sharded across ranks (shard_weights=True) is not supported: "
+                         f"{type(module).__name__}.{name} holds one shard per rank; load the pipeline "
+                         f"without shard_weights to use a LoRA")
+    return [param.data]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +496,9 @@ class LoraManager:
 
     def _refresh(self, keys) -> None:
         """Recompute each parameter from its original and every loaded adapter (load order)."""
+        offload = getattr(self.pipe, "offload", None)
+        if offload is not None:  # no compute copy outlives the write: each unit reloads from its home
+            offload.release_all()
         with torch.no_grad():
             for key in keys:
                 module, param = self._module(key), key[2]

@@ -19,25 +19,10 @@ from . import contract, guards
 from .errors import CompileError, GenerationError, InputError
 from .outputs import Output
 from .sampler import euler_step, guide, noise
+from .spec import REFERENCE_STAGES  # defined beside the records that name it; importable here as before
 
 __all__ = ["Pipeline", "REFERENCE_STAGES"]
 
-REFERENCE_STAGES: tuple[str, ...] = ("text_embeddings", "sigmas", "velocity", "latents", "output")
-"""The stages of one generation that an independent reference is compared on, in order (the
-conformance kit's ``reference-parity`` ladder names the first that differs):
-
-- ``text_embeddings``: the conditional prompt's embeddings as the denoiser receives them
-  (recorded by the plugin with :meth:`Pipeline.trace`);
-- ``sigmas``: the noise levels of the schedule, ending at the last target (recorded by
-  :meth:`Pipeline.denoise`);
-- ``velocity``: the denoiser's conditional output at the first sigma, before guidance (recorded by
-  :meth:`Pipeline.denoise`);
-- ``latents``: the final latents, before decoding (recorded by :meth:`Pipeline.denoise`; a plugin
-  whose latents are a packed concatenation may record its own afterwards, which replaces it);
-- ``output``: the decoded output tensor (:meth:`core.Output.tensor`).
-
-The initial noise is recorded too (``noise``, by :meth:`Pipeline.noise`): it is the one input a
-reference shares with the plugin, besides the weights."""
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, str, int], torch.Tensor]
 """``velocity(x, sigma, branch, step)``: the model's velocity; ``branch`` is "cond" or "uncond"."""

@@ -13,6 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .contract import parse_requirement
 
+REFERENCE_STAGES: tuple[str, ...] = ("text_embeddings", "sigmas", "velocity", "latents", "output")
+"""The stages of one generation that an independent reference is compared on, in order (the
+conformance kit's ``reference-parity`` ladder names the first that differs):
+
+- ``text_embeddings``: the conditional prompt's embeddings as the denoiser receives them
+  (recorded by the plugin with :meth:`Pipeline.trace`);
+- ``sigmas``: the noise levels of the schedule, ending at the last target (recorded by
+  :meth:`Pipeline.denoise`);
+- ``velocity``: the denoiser's conditional output at the first sigma, before guidance (recorded by
+  :meth:`Pipeline.denoise`);
+- ``latents``: the final latents, before decoding (recorded by :meth:`Pipeline.denoise`; a plugin
+  whose latents are a packed concatenation may record its own afterwards, which replaces it);
+- ``output``: the decoded output tensor (:meth:`core.Output.tensor`).
+
+The initial noise is recorded too (``noise``, by :meth:`Pipeline.noise`): it is the one input a
+reference shares with the plugin, besides the weights."""
+
 __all__ = [
     "ModelSpec",
     "Preset",
@@ -254,8 +271,6 @@ class Conformance(_Record):
     @field_validator("reference_tolerances")
     @classmethod
     def _known_stages(cls, v: dict[str, float]) -> dict[str, float]:
-        from .pipeline import REFERENCE_STAGES
-
         unknown = sorted(set(v) - set(REFERENCE_STAGES))
         if unknown:
             raise ValueError(f"reference_tolerances names {unknown}; the stages are {list(REFERENCE_STAGES)}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import METRIC, PROMPT, CheckSkipped, _compiled, _graphs, fail, rel_error
+from .common import METRIC, PROMPT, CheckSkipped, compiled_pipeline as _compiled, fail, graphs as _graphs, rel_error
 from .subject import Subject
 
 RANK, ALPHA = 2, 3.0

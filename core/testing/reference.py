@@ -56,7 +56,7 @@ from typing import Any, Callable
 import torch
 
 from ..pipeline import REFERENCE_STAGES
-from .checks import METRIC, PROMPT, CheckFailed, CheckSkipped, KitOptions, rel_error
+from .common import METRIC, PROMPT, CheckFailed, CheckSkipped, KitOptions, rel_error
 from .subject import Subject
 
 __all__ = ["TOLERANCES", "METRICS", "reference_parity", "resolve_reference", "compare_stages"]

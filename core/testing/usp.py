@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .checks import METRIC, PROMPT, CheckFailed, KitOptions, rel_error
+from .common import METRIC, PROMPT, CheckFailed, KitOptions, rel_error
 from .quiet import quiet_libraries
 from .subject import Subject
 
@@ -36,7 +36,7 @@ def layouts(world: int, cfg: bool) -> list[tuple[int, int, bool]]:
 def drawn_calls(subject: Subject, opts: KitOptions) -> list[dict]:
     """Sizes drawn from the declared constraints (collected first, then run in one multi-process
     job, since every rank must run the same cases), plus the declared uneven-length case."""
-    from .checks import drawn_sizes
+    from .common import drawn_sizes
 
     calls = drawn_sizes(subject, opts)
     if subject.spec.conformance.uneven_call is not None:

@@ -368,6 +368,70 @@ def test_sharded_weights_compose_with_block_offload_only(runs, specs, mode):
                   offload=mode)
 
 
+# -- LoRA -------------------------------------------------------------------------------------
+
+LORA_LAYERS = ["blocks.0.self_attn.q", "blocks.1.ffn.0", "head.head"]  # inside two blocks and outside them
+
+
+def _kohya_lora(dit, rank=4, alpha=8.0):
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name in LORA_LAYERS:
+        w = dit.get_submodule(name).weight
+        sd[f"diffusion_model.{name}.lora_up.weight"] = 0.05 * torch.randn(w.shape[0], rank, generator=g)
+        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g)
+        sd[f"diffusion_model.{name}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_lora_under_every_mode_equals_lora_resident_and_unloads_exactly(runs):
+    """load_lora on an offloaded pipeline fuses into each parameter's home (the host copy; under
+    disk the copy-on-write mapping, never the file): the output equals the resident pipeline with
+    the same LoRA, bit for bit, and unload_lora() gives the plain output back."""
+    resident, plain = runs.resident("wan")
+    lora = _kohya_lora(resident.dit)
+    resident.load_lora(lora, 0.7, adapter_name="style")
+    try:
+        with_lora = runs.generate(resident, "wan")
+    finally:
+        resident.unload_lora()
+    assert not torch.equal(with_lora, plain)
+    files = _file_hashes(runs.checkpoint("wan"))
+    for mode in offloading.MODES:
+        pipe, out = runs.offloaded("wan", mode)
+        pipe.load_lora(lora, 0.7, adapter_name="style")
+        try:
+            got = runs.generate(pipe, "wan")
+        finally:
+            pipe.unload_lora()
+        assert torch.equal(got, with_lora), (mode, (got - with_lora).abs().max().item())
+        assert torch.equal(runs.generate(pipe, "wan"), plain), mode
+    assert _file_hashes(runs.checkpoint("wan")) == files  # the mapped checkpoint was never written
+
+
+def test_lora_patches_fp8_stored_weights_and_unloads_them_exactly(specs, runs):
+    """Under weight_dtype fp8 the stored (registered) fp8 parameter is what a LoRA patches: cast of
+    W0 + scale·(alpha/rank)·B·A in float32, and unload restores the stored bytes."""
+    pipe = load_spec(specs["wan"], "tiny", device="cpu", dtype=torch.float32, weight_dtype="float8_e4m3fn")
+    lora = _kohya_lora(pipe.dit)
+    name = LORA_LAYERS[0]
+    stored = pipe.dit.get_submodule(name)._parameters["weight"]
+    before = stored.detach().clone()
+    pipe.load_lora(lora, 0.5)
+    up, down = lora[f"diffusion_model.{name}.lora_up.weight"], lora[f"diffusion_model.{name}.lora_down.weight"]
+    want = (before.float() + (0.5 * 8.0 / 4) * (up @ down)).to(torch.float8_e4m3fn)
+    assert torch.equal(stored.view(torch.uint8), want.view(torch.uint8))
+    assert not torch.equal(stored.view(torch.uint8), before.view(torch.uint8))
+    pipe.unload_lora()
+    assert torch.equal(stored.view(torch.uint8), before.view(torch.uint8))
+
+
 # -- the CLI -----------------------------------------------------------------------------------
 
 

@@ -31,7 +31,6 @@ its forward is timed through hooks, so the bench needs nothing model-specific. G
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 
+from .environment import environment
 from .errors import InputError
 from .jsonreport import STDOUT, add_json_argument, write_json
 
@@ -72,23 +72,6 @@ class BenchResult:
     tokens: int | None = None
     compiled: dict[str, int] = field(default_factory=dict)
     """Graphs per compiled region (``regional``: one per block class)."""
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """The card and the versions the figures depend on."""
-    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                           "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                           "threads": torch.get_num_threads(), "device": str(device)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001 - not installed on CPU machines
-        env["triton"] = None
-    if device.type == "cuda":
-        env.update(card=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version())
-    return env
 
 
 def _dit_name(pipe) -> str:

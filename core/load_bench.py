@@ -231,7 +231,7 @@ def run_load_bench(name: str, weights, *, preset: str | None = None, device: str
     module docstring); returns the JSON-ready report."""
     from tqdm.auto import tqdm
 
-    from .bench import environment
+    from .environment import environment
     from .loading import default_device
     from .registry import get_registry
 

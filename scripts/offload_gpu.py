@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; parts: {', '.join(PARTS)}")
-    from core.bench import environment
+    from core.environment import environment
 
     report = {"environment": environment(device), "tiny": args.tiny}
     ok = True

@@ -65,7 +65,7 @@ def test_a_stopped_rank_ends_the_job_at_the_heartbeat_bound(monkeypatch):
     assert "DITKIT_HEARTBEAT_TIMEOUT" in str(err.value) and time.monotonic() - start < 100
 
 
-@pytest.mark.parametrize("argv, culprit", [(["--steps", "0"], "num_inference_steps"), (["--height", "33"], "height"),
+@pytest.mark.parametrize("argv, culprit", [(["--steps", "0"], "--steps"), (["--height", "33"], "height"),
                                            (["--preset", "nope"], "nope")])
 def test_nproc_validates_in_the_launcher_before_spawning(argv, culprit, capsys, tmp_path, monkeypatch):
     from core.cli import main

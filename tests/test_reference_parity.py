@@ -66,6 +66,56 @@ def test_ladder_reports_what_differs_and_why():
     assert rows["latents"]["status"] == "not compared" and "reference" in rows["latents"]["reason"]
 
 
+MEASURED = {
+    "text_embeddings": (9.7e-8, None),
+    "sigmas": (1.9e-8, 3.75e-4),  # the Flux example on Wan's grid (s_max 0.999)
+    "velocity": (1.7e-6, None),
+    "latents": (9.2e-7, 1.27e-3),  # Qwen-Image's true CFG without its per-token rescale
+    "output": (2.0e-6, 0.262),  # Qwen-Image's latents decoded without the published mean/std
+}
+"""Stage -> (the largest error of a correct reference, the smallest error of a documented mutant that
+enters at that stage, or None), as measured in docs/fidelity.md (Qwen-Image's mutants by
+scripts/reference_mutations_qwen.py, which the suite does not run)."""
+
+
+def test_default_tolerances_pass_the_measured_references_and_catch_the_documented_mutants():
+    """The defaults sit between what correct references measured and what the subtlest documented
+    mutants measured. The Flux mutants in the suite differ by >= 0.27 in latents and output, so
+    without this a latents tolerance loosened to 1e-2 would let Qwen-Image's missing CFG rescale
+    pass unnoticed."""
+    torch.manual_seed(0)
+    ref = {"text_embeddings": torch.randn(1, 7, 8), "sigmas": torch.tensor([1.0, 0.6, 0.0]),
+           "velocity": torch.randn(1, 4, 2, 2), "latents": torch.randn(1, 4, 2, 2), "output": torch.rand(1, 3, 8, 8)}
+
+    def off_by(stage, error):
+        t = ref[stage].double()
+        if stage == "sigmas":  # max |Δσ|
+            return t + torch.tensor([0.0, error, 0.0], dtype=torch.float64)
+        return t + error * (t - t.mean())  # exactly `error` in the kit's relative metric
+
+    for i in (0, 1):
+        errors = {stage: measured[i] for stage, measured in MEASURED.items() if measured[i] is not None}
+        ours = {**ref, **{stage: off_by(stage, e) for stage, e in errors.items()}}
+        rows = {r["stage"]: r for r in compare_stages(ours, ref, TOLERANCES)}
+        for stage, error in errors.items():
+            assert rows[stage]["error"] == pytest.approx(error, rel=1e-6)
+            assert rows[stage]["status"] == ("match" if i == 0 else "differs"), (stage, rows[stage])
+
+
+def test_a_stage_tolerance_the_plugin_declares_replaces_the_default_for_that_stage_only():
+    """``Conformance.reference_tolerances`` in the kit's check: an output 1e-3 off its reference
+    fails under the default output tolerance (1e-4) and passes under the plugin's 1e-2; every
+    other stage keeps its default."""
+    default = _reference_parity("ref-output-off", "tests.kit_plugins.references")
+    assert default.status == "fail" and default.details["first_difference"] == "output", default.message
+    loosened = _reference_parity("ref-output-off-loosened", "tests.kit_plugins.references")
+    assert loosened.status == "pass", loosened.message
+    rows = {r["stage"]: r for r in loosened.details["stages"]}
+    assert rows["output"]["tolerance"] == 1e-2
+    assert rows["output"]["error"] == pytest.approx(1e-3 / (1 + 1e-3), rel=1e-4)  # a float32 output
+    assert all(rows[s]["tolerance"] == TOLERANCES[s] for s in rows if s != "output")
+
+
 def test_reference_tolerances_name_known_stages():
     assert Conformance(reference_tolerances={"output": 1e-3}).reference_tolerances == {"output": 1e-3}
     with pytest.raises(ValueError, match="latent"):

@@ -119,10 +119,50 @@ def infer_cases() -> dict:
     return out
 
 
+def router_paths() -> dict:
+    """Which path the router's ``infer`` strategy takes for each layout of queries and keys
+    (hand-made tensors, a shard of 4 of 7 tokens): ``{layout: (paths taken, ran locally)}``. Every
+    path gives the exact result, so parity cannot tell them apart: a router that all-gathered the
+    keys of every call would pass every USP test while running nothing sequence-parallel."""
+    from core.parallel import SequenceState, UspRouter, make_engine
+    from core.spec import AttentionSite, SequenceGather, SequenceSplit, UspAdapter
+
+    shard, rank = 4, dist.get_rank()
+    same = torch.Generator().manual_seed(0)  # the same draws on every rank
+    whole, prefix = torch.randn(1, 6, 2, 3, generator=same), torch.randn(1, 3, 2, 3, generator=same)
+    mine = torch.randn(1, shard, 2, 3, generator=torch.Generator().manual_seed(10 + rank))
+    mesh = init_mesh(heads=_tiny.HEADS, ulysses_degree=2, ring_degree=1)
+    state = SequenceState(2, rank)
+    state.record("tokens", 2 * shard - 1, "test")
+    adapter = UspAdapter(component="t", heads=2, splits=[SequenceSplit(module="")], gathers=[SequenceGather(module="")],
+                         sites={"dispatch": AttentionSite(strategy="infer")})
+    taken: list[str] = []
+    engine = make_engine(mesh)
+
+    def spied(name, fn):
+        def call(*args):
+            taken.append(name)
+            return fn(*args)
+        return call
+
+    router = UspRouter(adapter, mesh, state, spied("engine", engine))
+    router._joint = spied("joint", router._joint)
+    router._gather_tail = spied("gathered keys", router._gather_tail)
+    joint = torch.cat([prefix, mine], 1)
+    out = {}
+    for name, (q, kv) in {"split q, split k": (mine, mine), "joint": (joint, joint),
+                          "whole q, split k": (whole, mine), "split q, whole k": (mine, whole)}.items():
+        taken.clear()
+        result = router(q, kv, kv, site="dispatch", mask=None, scale=None)
+        out[name] = (tuple(taken), result is None)
+    return out
+
+
 def bridge_job(cases: list[str], degrees: list[tuple[int, int]], compile_cases: list[tuple[str, str]]) -> dict:
     """The USP cases on all ranks, then rank ``i`` compiles ``compile_cases[i::world]`` (``(case,
     backend)`` pairs); rank 0 returns everything."""
-    results = {"usp": usp_errors(cases, degrees), "infer": infer_cases(), "world": dist.get_world_size()}
+    results = {"usp": usp_errors(cases, degrees), "infer": infer_cases(), "router_paths": router_paths(),
+               "world": dist.get_world_size()}
     mine = {}
     for name, backend in compile_cases[dist.get_rank()::dist.get_world_size()]:
         try:

@@ -46,7 +46,7 @@ and no recompilation are dynamo's doing, whatever the backend; nine cold inducto
 def bridge_job():
     """The suite's one 2-rank job for the bridge: USP of every class (and of SD3 through a registered
     plan) at Ulysses 2 and ring 2, the compile checks split across the two ranks (one inductor
-    build each), and the router's inference on hand-made layouts."""
+    build each), and the router's inference and choice of path on hand-made layouts."""
     cases = [*_tiny.CASES, *_tiny.REGISTERED]
     compile_plan = [(n, "inductor") for n in INDUCTOR] + [(n, "aot_eager") for n in _tiny.CASES if n not in INDUCTOR]
     return launch(_workers.bridge_job, 2, args=(cases, [(2, 1), (1, 2)], compile_plan), timeout=600)
@@ -150,6 +150,18 @@ def test_router_infers_layouts_and_refuses_the_rest(bridge_job):
     assert bridge_job["infer"] == {"whole": (False, 0), "shard": (True, 0), "joint": (True, 3),
                                    "short whole": (False, 0), "shard first": "ParallelError",
                                    "masked split keys": "ParallelError"}
+
+
+@pytest.mark.slow
+def test_router_runs_each_inferred_layout_on_its_path(bridge_job):
+    """The router's choice after inferring (2 ranks, hand-made tensors): split queries and keys run
+    on the USP engine (after a whole prefix, as a joint attention), whole queries all-gather the
+    split keys, and whole keys run locally. Every path is exact, so the parity tests alone would
+    pass a router that gathered the keys of every call."""
+    assert bridge_job["router_paths"] == {"split q, split k": (("engine",), False),
+                                          "joint": (("joint", "engine"), False),
+                                          "whole q, split k": (("gathered keys",), False),
+                                          "split q, whole k": ((), True)}
 
 
 def test_set_attention_backend_names_ditkit(core_calls):

@@ -12,7 +12,8 @@ Stages, in order of value, each a separate process with its own time limit:
    docs/PERFORMANCE.md at their real configs, random weights, bf16;
 4. ``attention``: ``scripts/attention_kernels.py`` (cuDNN, flash and efficient SDPA, and ``fa4``
    where flash-attn-4 imports; exact against SDPA math in float32 before timed);
-5. ``offload``: ``scripts/offload_gpu.py`` when that file exists, else recorded as not present.
+5. ``offload``: ``scripts/offload_gpu.py``'s parity, step and memory parts (``OFFLOAD_PARTS``; its
+   compile part is left to a call of its own: compiling costs the GPU minutes that the rows need).
 
 The whole run ends within ``--budget`` seconds (default 480: 8 minutes). A stage starts only if
 the budget still holds its ``need`` (the least time in which it can finish); it then runs with
@@ -48,6 +49,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 OFFLOAD_SCRIPT = SCRIPTS / "offload_gpu.py"
+# offload_gpu.py's parts, in its order: parity (tiny presets: the same on both devices), then the
+# Wan 1.3B block step time (the 1.3x target), then peak device memory of Wan 14B and MOVA-360p
+# (the slowest: tens of GB of random weights built in host memory). The script rewrites its JSON
+# after each part, so a stage killed at its limit keeps the parts it finished.
+OFFLOAD_PARTS = "parity,step,memory"
+OFFLOAD_GPU_ARGS = ["--steps", "3", "--frames", "17"]
+OFFLOAD_TINY_ARGS = ["--steps", "1"]  # --tiny: 5 frames in 'memory', whatever --frames says
 DEFAULT_BUDGET_S = 480.0
 RESERVE_S = 3.0
 """Kept back from every stage's limit for writing the summary."""
@@ -73,8 +81,8 @@ STAGES = [
     Stage("bench_wan14", "Wan2.1-14B DiT, 832x480x81, CFG on, one step, bf16: regional", 150, 75, "bench_wan14.json"),
     Stage("attention", "attention kernels per shape: SDPA cuDNN / flash / efficient, fa4; exact before timed",
           90, 30, "attention.json"),
-    Stage("offload", "offload modes: peak device memory and step time (scripts/offload_gpu.py)", 120, 45,
-          "offload.json"),
+    Stage("offload", "offload modes: parity, block step time against resident, peak device memory per mode",
+          240, 45, "offload.json"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -164,7 +172,7 @@ def command(stage: Stage, ctx: Context) -> list[str]:
                 "--json", str(out / stage.row)]
     if stage.name == "offload":
         return [py, str(OFFLOAD_SCRIPT), "--device", ctx.device, *(["--tiny"] if ctx.tiny else []),
-                "--json", str(out / stage.row)]
+                "--only", OFFLOAD_PARTS, *(OFFLOAD_TINY_ARGS if ctx.tiny else OFFLOAD_GPU_ARGS), "--json", str(out / stage.row)]
     raise KeyError(stage.name)
 
 
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = []
         for s in STAGES:
             try:
-                cmd = command(s, ctx) if not (s.name == "offload" and not OFFLOAD_SCRIPT.exists()) else None
+                cmd = command(s, ctx)
             except ValueError as e:
                 cmd = f"error: {e}"
             plan.append({"stage": s.name, "limit_s": args.limit.get(s.name, s.tiny_limit_s if args.tiny else s.limit_s),
@@ -344,8 +352,6 @@ def run_stage(stage: Stage, ctx: Context, args, deadline: float, log, log_path: 
     # --only keeps the install: on a fresh machine nothing else runs without it
     if (args.only and stage.name not in args.only and stage.name != "install") or stage.name in args.skip:
         return finish("not-selected", "left out by --only/--skip")
-    if stage.name == "offload" and not OFFLOAD_SCRIPT.exists():
-        return finish("not-present", f"{OFFLOAD_SCRIPT.relative_to(ROOT)} is not present (the offload work has not landed)")
     if left < need:
         return finish("skipped-for-time", f"needs {need:g} s to be worth starting, {max(left, 0):.0f} s of the budget left")
     try:

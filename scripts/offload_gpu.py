@@ -3,9 +3,11 @@ memory per mode. Runs the same code on a CPU at tiny sizes (``--device cpu --tin
 
     python scripts/offload_gpu.py --json offload-gpu.json          # CUDA: every part at real sizes
     python scripts/offload_gpu.py --only parity,compile            # some parts
-    python scripts/offload_gpu.py --device cpu --tiny              # by hand on a CPU (tests run --only parity,step)
+    python scripts/offload_gpu.py --device cpu --tiny              # by hand on a CPU (tests: --only step,memory)
 
-Parts (each prints its lines; ``--json FILE`` writes them all with the card and versions):
+Parts (each prints its lines; ``--json FILE`` writes them all with the card and versions, rewritten
+after each part with ``"finished": false`` until the last, so a run killed at a time limit keeps
+the parts it finished):
 
 1. ``parity``: the tiny presets of wan, qwen-image, mova and the example plugin in fp32 on the
    device; every mode (model, block, disk from a checkpoint written to a temporary folder) against
@@ -326,41 +328,67 @@ def memory(device, tiny: bool, frames: int) -> list[dict]:
 # -- main --------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny configs and sizes (a CPU run)")
-    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
-    parser.add_argument("--steps", type=int, default=3, help="measured DiT calls per mode in 'step' (after one warm-up)")
-    parser.add_argument("--frames", type=int, default=17, help="frames generated in 'memory'")
-    parser.add_argument("--json", default=None, metavar="FILE")
-    args = parser.parse_args(argv)
-    device = core.loading.default_device() if args.device is None else torch.device(args.device)
-    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+def parser() -> argparse.ArgumentParser:
+    """The command line (scripts/gpu_all.py's offload stage is checked against it)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny configs and sizes (a CPU run)")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
+    p.add_argument("--steps", type=int, default=3, help="measured DiT calls per mode in 'step' (after one warm-up)")
+    p.add_argument("--frames", type=int, default=17, help="frames generated in 'memory'")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="the report, rewritten after each part (a run killed at a time limit keeps the parts done)")
+    return p
+
+
+def parts_of(only: str) -> list[str]:
+    """``--only``'s parts; ValueError naming an unknown one."""
+    parts = [p.strip() for p in only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:
-        parser.error(f"unknown part(s) {sorted(unknown)}; parts: {', '.join(PARTS)}")
+        raise ValueError(f"unknown part(s) {sorted(unknown)}; parts: {', '.join(PARTS)}")
+    return parts
+
+
+def main(argv=None) -> int:
+    cli = parser()
+    args = cli.parse_args(argv)
+    device = core.loading.default_device() if args.device is None else torch.device(args.device)
+    try:
+        parts = parts_of(args.only)
+    except ValueError as exc:
+        cli.error(str(exc))
     from core.environment import environment
 
-    report = {"environment": environment(device), "tiny": args.tiny}
+    report = {"environment": environment(device), "tiny": args.tiny, "parts": parts, "finished": False}
+
+    def save() -> None:
+        if args.json:  # atomically: a kill between parts leaves the last whole report
+            path = Path(args.json)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2, default=str))
+            tmp.replace(path)
+
     ok = True
     if "parity" in parts:
         report["parity"] = parity(device)
         ok &= all(r["equal"] and not r["left_on_device"] for r in report["parity"])
+        save()
     if "compile" in parts:
         report["compile"] = compile_check(device)
         ok &= report["compile"]["passed"]
+        save()
     if "step" in parts:
         report["step"] = step(device, args.tiny, args.steps)
         ok &= report["step"]["passed"]
+        save()
     if "memory" in parts:
         report["memory"] = memory(device, args.tiny, 5 if args.tiny else args.frames)
     report["passed"] = bool(ok)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    report["finished"] = True
+    save()
     log("PASSED" if ok else "FAILED")
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,8 +3,9 @@ the time limits, a forced failure, and the files a GPU run brings back.
 
 One run (module fixture) with ``smoke_usp`` forced to fail and ``bench_wan14`` forced over a
 0.5 s limit; the stages after each still run. A second run with no budget skips every stage for
-time. The GPU plan (``--plan``) is checked against ``ditkit bench``'s own argument parser, so a
-mistyped flag fails here rather than on the lent machine.
+time. The GPU plan (``--plan``) is checked against ``ditkit bench``'s and
+``scripts/offload_gpu.py``'s own argument parsers, so a mistyped flag fails here rather than on the
+lent machine.
 """
 import argparse
 import json
@@ -19,7 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_all.sh"
 ROWS = ["smoke_usp.json", "bench_wan13.json", "bench_qwen.json", "bench_wan14.json", "attention.json", "offload.json"]
-OFFLOAD_PRESENT = (ROOT / "scripts" / "offload_gpu.py").exists()
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_kills_a_stage_at_its_limit_and_goes_on(tiny_run):
 def test_no_stage_limit_exceeds_the_budget_left(tiny_run):
     _, _, summary, _ = tiny_run
     ran = [s for s in summary["stages"] if "limit_s" in s]
-    assert len(ran) == 6 and all(s["limit_s"] <= s["budget_left_s"] for s in ran)
+    assert len(ran) == 7 and all(s["limit_s"] <= s["budget_left_s"] for s in ran)
     assert summary["elapsed_s"] < summary["budget_s"]
 
 
@@ -87,12 +87,13 @@ def test_rows_hold_the_json_their_commands_wrote(tiny_run):
         assert len(bench["results"][0]["step_times_s"]) >= 1 and bench["environment"]["torch"]
     attention = json.loads((out / "attention.json").read_text())
     assert attention["shapes"] and all(s["chosen"] for s in attention["shapes"])
-    offload = stages["offload"]
-    if OFFLOAD_PRESENT:
-        assert offload["status"] in ("passed", "failed", "timeout")
-    else:
-        assert offload["status"] == "not-present" and "offload_gpu.py" in offload["reason"]
-        assert json.loads((out / "offload.json").read_text())["status"] == "not-present"
+    # scripts/offload_gpu.py's own report: the parts the GPU runs, at tiny size
+    assert stages["offload"]["status"] == "passed", stages["offload"]
+    offload = json.loads((out / "offload.json").read_text())
+    assert offload["parts"] == ["parity", "step", "memory"] and offload["finished"] and offload["passed"]
+    assert offload["parity"] and all(r["equal"] for r in offload["parity"])
+    assert set(offload["step"]["modes"]) == {"resident", "block", "disk"}
+    assert {r["mode"] for r in offload["memory"]} == {"model", "block", "none"}
 
 
 def test_a_stage_that_does_not_fit_the_budget_is_skipped_and_recorded(tmp_path):
@@ -100,8 +101,7 @@ def test_a_stage_that_does_not_fit_the_budget_is_skipped_and_recorded(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     skipped = {s["stage"]: s for s in summary["stages"] if s["status"] == "skipped-for-time"}
-    assert set(skipped) == {"install", "smoke_usp", "bench_wan13", "bench_qwen", "bench_wan14", "attention"} | (
-        {"offload"} if OFFLOAD_PRESENT else set())
+    assert set(skipped) == {"install", "smoke_usp", "bench_wan13", "bench_qwen", "bench_wan14", "attention", "offload"}
     assert all("elapsed_s" not in s and "budget left" in s["reason"] for s in skipped.values())
     assert json.loads((tmp_path / "bench_wan13.json").read_text())["status"] == "skipped-for-time"
 
@@ -139,4 +139,28 @@ def test_the_gpu_plan_runs_the_real_configs_with_flags_ditkit_bench_accepts(caps
         "wan2.1-t2v-14b", "official", 81, 5.0, 1, "regional")
     assert all(r.device == "cuda" for r in rows.values())
     assert "torch.distributed.run" in plan["smoke_usp"]["command"]
+    offload_gpu = runpy.run_path(str(ROOT / "scripts" / "offload_gpu.py"))
+    cmd = plan["offload"]["command"]
+    assert cmd[1].endswith("scripts/offload_gpu.py")
+    offload = offload_gpu["parser"]().parse_args(cmd[2:])
+    assert (offload.device, offload.tiny, offload.steps, offload.frames, offload.json) == (
+        "cuda", False, 3, 17, str(tmp_path / "out" / "offload.json"))
+    assert offload_gpu["parts_of"](offload.only) == ["parity", "step", "memory"]
     assert "error: no wheels" in plan["install"]["command"]  # an empty wheel folder is named, not installed from
+
+
+def test_the_offload_report_keeps_the_parts_done_when_a_later_part_dies(tmp_path):
+    # a stage killed at its limit leaves offload.json as the script last wrote it
+    main = runpy.run_path(str(ROOT / "scripts" / "offload_gpu.py"))["main"]
+    parts = main.__globals__  # the functions main calls
+    parts["parity"] = lambda device: [{"model": "m", "mode": "block", "equal": True, "left_on_device": []}]
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed at the stage's limit")
+
+    parts["step"] = killed
+    out = tmp_path / "offload.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--tiny", "--only", "parity,step", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["parity"][0]["equal"] and not report["finished"] and "step" not in report

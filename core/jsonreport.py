@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from .outputs import atomic_path
-
 __all__ = ["STDOUT", "add_json_argument", "write_json"]
 
 STDOUT = "-"
@@ -37,5 +35,7 @@ def write_json(text: str, target: str) -> None:
     if target == STDOUT:
         print(text)
         return
+    from .outputs import atomic_path  # here, not at the top: the CLI's parser must not import the writers
+
     with atomic_path(target) as tmp:
         tmp.write_text(text + "\n")

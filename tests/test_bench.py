@@ -72,8 +72,10 @@ def test_bench_interleaves_the_measured_steps_and_reports_their_spread(report):
 
 
 def test_bench_table_flags_a_variant_whose_steps_spread_past_the_limit(report):
-    quiet = format_bench(report | {"results": [r | {"spread": 1.1} for r in report["results"]]})
+    quiet = format_bench(report | {"results": [r | {"spread": 1.29} for r in report["results"]]})  # just under 1.3
     assert "!" not in quiet and "min" in quiet and "max/min" in quiet
+    just_over = format_bench(report | {"results": [r | {"spread": 1.31} for r in report["results"]]})
+    assert just_over.count("1.31!") == len(report["results"])
     noisy = [r | {"spread": 2.62, "step_min_s": 0.45, "step_max_s": 1.18} if r["variant"] == "eager" else r | {"spread": 1.1}
              for r in report["results"]]
     table = format_bench(report | {"results": noisy})

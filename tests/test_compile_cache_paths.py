@@ -123,3 +123,22 @@ def test_cli_saves_the_bundle_after_the_output_and_a_failed_save_is_a_warning(ex
     err = capsys.readouterr().err
     assert code == 0 and out.is_file() and seen == [True], err
     assert err.startswith("ditkit: warning: compile cache not saved: Permission denied") and err.count("\n") == 1, err
+
+
+def test_a_bundle_whose_load_raises_is_unreadable_not_loaded(tmp_path, monkeypatch):
+    """torch un-pickles a bundle inside its own try (truncated or garbage bytes: None, covered in
+    test_compile.py), but filling the caches from a well-formed one can still raise (a cache folder
+    it cannot write, an artifact of another torch): that bundle is unreadable too."""
+    import torch
+
+    from core.compile_cache import load_bundle
+
+    bundle = tmp_path / "m.compile-cache"
+    assert load_bundle(bundle) == "absent"
+    bundle.write_bytes(b"well-formed, say")
+
+    def raising(data):
+        raise PermissionError(13, "Permission denied", "/ro/inductor")
+
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", raising)
+    assert load_bundle(bundle) == "unreadable"

@@ -122,3 +122,19 @@ def test_ctrl_c_while_a_plugin_imports_is_still_the_users_interrupt(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         Registry(strict=False).discover([ep])
     sys.modules.pop("ditkit_sigint_plugin", None)
+
+
+def test_ditkits_own_warnings_are_one_line_from_rank_0_only(monkeypatch, capsys):
+    import warnings
+
+    from core.cli_warnings import warnings_as_lines
+    from core.compile_cache import CompileCacheWarning
+
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with warnings_as_lines():
+                warnings.warn("compile cache\n   not saved", CompileCacheWarning)
+        err = capsys.readouterr().err
+        assert err == "ditkit: warning: compile cache not saved\n" * lines, (rank, err)

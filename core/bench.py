@@ -99,8 +99,11 @@ class _Timer:
             self._handles.append(first.register_forward_pre_hook(self._tokens))
 
     def _tokens(self, module, args):
-        if self.tokens is None and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-            self.tokens = int(args[0].shape[1])
+        # written on every call and never read here: under ``whole`` this hook is traced into the
+        # compiled forward, and a read of ``self.tokens`` would be a guard that fails once it is set
+        # (a recompile in the first measured step)
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+            self.tokens = args[0].shape[1]
 
     def _pre(self, module, args):
         if self.device.type == "cuda":
@@ -282,7 +285,8 @@ class _Run:
             step_s=statistics.median(times), step_times_s=[round(t, 5) for t in times],
             step_min_s=min(times), step_max_s=max(times), spread=round(max(times) / min(times), 3) if min(times) > 0 else 1.0,
             graphs=self.graphs, graph_breaks=self.graph_breaks, recompiles=self.graphs - self.graphs_after_first,
-            peak_host_mb=self.peak_host_mb, peak_device_mb=self.peak_device_mb, tokens=self.timer.tokens,
+            peak_host_mb=self.peak_host_mb, peak_device_mb=self.peak_device_mb,
+            tokens=None if self.timer.tokens is None else int(self.timer.tokens),
             compiled=self.report.graphs() if self.report is not None else {},
         )
 

@@ -68,6 +68,11 @@ def test_the_reference_in_query_chunks_equals_one_call(script):
     whole = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
     chunked = script["reference"](q, k, v, chunk_bytes=4 * 2 * 23 * 5)  # 5 query rows per chunk, uneven
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
+    # bf16 inputs (what the kernels get) are compared against math in float32, not in bf16
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    ref = script["reference"](q, k, v)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    assert ref.dtype == torch.float32 and torch.allclose(ref, exact, atol=1e-5, rtol=1e-5)
 
 
 def test_fa4_plugin_registers_nothing_without_flash_attn_4():
@@ -125,3 +130,30 @@ def test_fa4_kernel_passes_flash_attention_layout_and_scale(fake_fa4):
     torch.testing.assert_close(fa4.fa4_attention(q, k, v, mask=mask, scale=None),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     assert cute.calls == [(2, 11, 3, 16)]
+
+
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: fa4_attention's routing, checked without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_fa4_kernel_sends_only_unmasked_half_precision_cuda_calls_to_fa4(fake_fa4, monkeypatch):
+    from plugins.kernels import fa4
+    import flash_attn.cute as cute
+
+    to_sdpa = []
+    monkeypatch.setattr(attention, "sdpa", lambda q, k, v, *, mask=None, scale=None:
+                        to_sdpa.append((q.dtype, q.is_cuda, mask is not None)) or q)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    cuda = [t.as_subclass(_ReportsCuda) for t in (q, k, v)]
+    fa4.fa4_attention(*cuda, mask=torch.ones(8, 8, dtype=torch.bool))  # masked
+    fa4.fa4_attention(q, k, v)  # on the CPU
+    fa4.fa4_attention(*(t.float() for t in cuda))  # float32
+    assert to_sdpa == [(torch.bfloat16, True, True), (torch.bfloat16, False, False), (torch.float32, True, False)]
+    assert cute.calls == []
+    fa4.fa4_attention(*cuda)  # unmasked bf16 on CUDA: the one call FA4 gets
+    assert cute.calls == [(1, 8, 2, 16)] and len(to_sdpa) == 3

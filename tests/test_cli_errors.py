@@ -99,6 +99,20 @@ def test_a_plugin_raising_keyboardinterrupt_at_import_is_that_plugins_failure(tm
     assert [f.plugin for f in registry.failures] == ["ditkit_kbd_plugin"]
 
 
+def test_a_plugin_module_raising_keyboardinterrupt_is_that_modules_error(tmp_path, monkeypatch, capsys):
+    """``ditkit check --plugin MODULE``: the module's own KeyboardInterrupt is its import failure,
+    one error line naming it (was "ditkit: interrupted", exit 130)."""
+    _entry_point(tmp_path, monkeypatch, "ditkit_kbd_module", _KBD_PLUGIN)
+    try:
+        code, err = run_cli(capsys, "check", "my-model", "--plugin", "ditkit_kbd_module")
+    except KeyboardInterrupt:
+        pytest.fail("the plugin module's own KeyboardInterrupt escaped as if the user pressed Ctrl-C")
+    finally:
+        sys.modules.pop("ditkit_kbd_module", None)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ditkit: error: --plugin"), err
+    assert "ditkit_kbd_module" in err and "KeyboardInterrupt" in err
+
+
 def test_ctrl_c_while_a_plugin_imports_is_still_the_users_interrupt(tmp_path, monkeypatch):
     from core.registry import Registry
 
@@ -108,3 +122,19 @@ def test_ctrl_c_while_a_plugin_imports_is_still_the_users_interrupt(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         Registry(strict=False).discover([ep])
     sys.modules.pop("ditkit_sigint_plugin", None)
+
+
+def test_ditkits_own_warnings_are_one_line_from_rank_0_only(monkeypatch, capsys):
+    import warnings
+
+    from core.cli_warnings import warnings_as_lines
+    from core.compile_cache import CompileCacheWarning
+
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with warnings_as_lines():
+                warnings.warn("compile cache\n   not saved", CompileCacheWarning)
+        err = capsys.readouterr().err
+        assert err == "ditkit: warning: compile cache not saved\n" * lines, (rank, err)

@@ -65,7 +65,8 @@ def test_read_only_caches_are_warnings_not_errors():
         ro = top / "ro"
         ro.mkdir()
         os.chmod(ro, 0o555)
-        res = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(ro), str(ro / "bundles")], capture_output=True,
+        # the kernel cache under a read-only folder, the bundle folder an existing read-only one (only a probe file sees it)
+        res = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(ro), str(ro)], capture_output=True,
                              text=True, env=subprocess_env(), timeout=120, cwd=ROOT)
         assert res.returncode == 0, res.stderr[-2000:]
         kept, *warned = res.stdout.splitlines()
@@ -104,3 +105,40 @@ def test_cli_with_unwritable_caches_warns_once_each_and_writes_its_output(exampl
     lines = err.splitlines()
     assert len(lines) == 2 and all(line.startswith("ditkit: warning:") for line in lines), err
     assert "DITKIT_COMPILE_CACHE" in lines[0] and "--compile-cache" in lines[1] and "Traceback" not in err
+
+
+def test_cli_saves_the_bundle_after_the_output_and_a_failed_save_is_a_warning(example, eager_backend, tmp_path,
+                                                                              monkeypatch, capsys):
+    from core.cli import main
+
+    out, seen = tmp_path / "fox.png", []
+
+    def failing_save(self):
+        seen.append(out.is_file())  # the output is already written when the bundle is saved
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(core.pipeline.Pipeline, "save_compile_cache", failing_save)
+    code = main(["run", "example", "--steps", "1", "--height", "32", "--width", "32", "--no-progress",
+                 "--compile-cache", str(tmp_path / "cache"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0 and out.is_file() and seen == [True], err
+    assert err.startswith("ditkit: warning: compile cache not saved: Permission denied") and err.count("\n") == 1, err
+
+
+def test_a_bundle_whose_load_raises_is_unreadable_not_loaded(tmp_path, monkeypatch):
+    """torch un-pickles a bundle inside its own try (truncated or garbage bytes: None, covered in
+    test_compile.py), but filling the caches from a well-formed one can still raise (a cache folder
+    it cannot write, an artifact of another torch): that bundle is unreadable too."""
+    import torch
+
+    from core.compile_cache import load_bundle
+
+    bundle = tmp_path / "m.compile-cache"
+    assert load_bundle(bundle) == "absent"
+    bundle.write_bytes(b"well-formed, say")
+
+    def raising(data):
+        raise PermissionError(13, "Permission denied", "/ro/inductor")
+
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", raising)
+    assert load_bundle(bundle) == "unreadable"

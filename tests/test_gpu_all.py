@@ -164,3 +164,34 @@ def test_the_offload_report_keeps_the_parts_done_when_a_later_part_dies(tmp_path
         main(["--device", "cpu", "--tiny", "--only", "parity,step", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["parity"][0]["equal"] and not report["finished"] and "step" not in report
+
+
+def test_a_stage_is_killed_when_the_budget_left_runs_out_before_its_limit(tmp_path, monkeypatch):
+    """The process itself, not only the recorded limit, gets what is left of the budget: a stage with
+    a 120 s limit and 1.5 s left is killed at about 1.5 s."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_all_under_test", ROOT / "scripts" / "gpu_all.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "command", lambda stage, ctx: [sys.executable, "-c", "import time; time.sleep(60)"])
+    stage = next(s for s in module.STAGES if s.name == "bench_qwen")
+    ctx = module.Context(out=tmp_path, device="cpu", tiny=True, python=sys.executable, work=tmp_path, wheels=None,
+                         site=tmp_path / "site", env=dict(os.environ))
+    args = argparse.Namespace(limit={}, only=[], skip=[], fail=[])
+    log_path = tmp_path / "gpu_all.log"
+    with open(log_path, "w") as log:
+        record = module.run_stage(stage, ctx, args, time.monotonic() + module.RESERVE_S + 1.5, log, log_path)
+    assert stage.tiny_limit_s >= 60 and record["limit_s"] <= 1.5
+    assert record["status"] == "timeout" and record["elapsed_s"] < 15, record
+
+
+def test_two_wheels_of_one_distribution_are_named_not_installed(capsys, tmp_path):
+    main = runpy.run_path(str(ROOT / "scripts" / "gpu_all.py"))["main"]
+    for name in ("pluggy-1.6.0-py3-none-any.whl", "pluggy-1.7.0-py3-none-any.whl", "av-19.0.2-cp312-cp312-x.whl"):
+        (tmp_path / name).write_bytes(b"")
+    assert main(["--plan", "--wheels", str(tmp_path), str(tmp_path / "out")]) == 0
+    install = next(s for s in json.loads(capsys.readouterr().out)["stages"] if s["stage"] == "install")
+    assert install["command"].startswith("error: two wheels of pluggy") and "1.6.0" in install["command"]

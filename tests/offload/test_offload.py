@@ -455,7 +455,8 @@ def test_ditkit_run_offload(example, tmp_path, capsys):
     out = tmp_path / "fox.png"
     assert main(["run", "example", "--offload", "block", "--steps", "1", "--no-progress", "--out", str(out)]) == 0
     assert out.is_file()
-    assert "offload" in capsys.readouterr().out
+    # what the pipeline holds (the 4 example blocks, one unit each), not the word in tmp_path's name
+    assert "Offload(mode='block', device=cpu, units=4," in capsys.readouterr().out
     assert main(["run", "example", "--offload", "disk", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ditkit: error:") and "weights=" in err[0]

@@ -46,13 +46,17 @@ class _CountCasts(TorchDispatchMode):
 
 @pytest.fixture
 def counted_reads(monkeypatch):
-    """Total bytes the loader reads from files (every read goes through os.preadv)."""
-    total = {"bytes": 0}
+    """Total bytes the loader reads from files (every read goes through os.preadv), and where in
+    memory each read went (address, length)."""
+    import numpy as np
+
+    total = {"bytes": 0, "into": []}
     real = os.preadv
 
     def preadv(fd, buffers, offset):
         n = real(fd, buffers, offset)
         total["bytes"] += n
+        total["into"].extend((np.frombuffer(b, dtype=np.uint8).ctypes.data, len(b)) for b in buffers)
         return n
 
     monkeypatch.setattr(os, "preadv", preadv)
@@ -72,6 +76,9 @@ def test_each_byte_read_once_and_each_tensor_cast_once(tmp_path, counted_reads, 
         assert load_component(tmp_path, wf, module, stats=stats, threads=threads)
     file_bytes = sum(v.numel() * v.element_size() for v in state.values())
     assert counted_reads["bytes"] == file_bytes == stats.bytes_read
+    if file_dtype == module_dtype:  # no cast: the file's bytes go straight into the module's own tensors
+        own = [(t.data_ptr(), t.numel() * t.element_size()) for t in module.state_dict().values()]
+        assert all(any(a <= at and at + n <= a + size for a, size in own) for at, n in counted_reads["into"])
     expected_casts = 0 if file_dtype == module_dtype else sum(v.numel() for v in state.values())
     assert casts.elements == expected_casts, (casts.elements, expected_casts)
     for key, value in module.state_dict().items():

@@ -116,8 +116,6 @@ def test_a_device_target_goes_through_a_bounded_staging_buffer_without_a_host_co
     # and dtype; buffers stay real), then allocated on the target device, here meta for CUDA
     with deferred_parameters():
         module = _Model().to(device="meta", dtype=torch.float16)
-    materialize_parameters({"m": module})
-    assert module.a.weight.device.type == "meta" and module.a.weight.dtype == torch.float16
     allocated = []
     real_empty = torch.empty
 
@@ -127,7 +125,11 @@ def test_a_device_target_goes_through_a_bounded_staging_buffer_without_a_host_co
             allocated.append(t.numel() * t.element_size())
         return t
 
-    monkeypatch.setattr(reader.torch, "empty", empty)
+    monkeypatch.setattr(reader.torch, "empty", empty)  # from here on: materialized, then filled
+    with _CountCasts() as casts:
+        materialize_parameters({"m": module})
+    assert module.a.weight.device.type == "meta" and module.a.weight.dtype == torch.float16
+    assert casts.elements == 0 and not allocated  # once, on the target device, in the final dtype
     stats = LoadStats()
     load_component(tmp_path, WeightFile(component="m", path="m.safetensors"), module, stats=stats, threads=1)
     file_bytes = sum(v.numel() * 2 for v in big.values())

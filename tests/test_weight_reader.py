@@ -34,13 +34,18 @@ class _CountCasts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.elements = 0
+        self.on_meta = 0
+        """Of which on the meta device (shapes only, no memory)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        n = 0
         if func is torch.ops.aten.copy_.default and args[0].dtype != args[1].dtype:
-            self.elements += args[1].numel()
+            n = args[1].numel()
         elif func is torch.ops.aten._to_copy.default and kwargs.get("dtype", args[0].dtype) != args[0].dtype:
-            self.elements += args[0].numel()
+            n = args[0].numel()
+        self.elements += n
+        self.on_meta += n if args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta" else 0
         return func(*args, **kwargs)
 
 

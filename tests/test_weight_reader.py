@@ -192,7 +192,7 @@ def _tiny_encoder(kind: str):
 
 @pytest.mark.parametrize("kind", ["t5", "umt5"])
 @pytest.mark.parametrize("name_in_file", ["as saved", "the other name"])
-def test_tied_parameters_load_from_a_file_holding_either_name(tmp_path, kind, name_in_file):
+def test_tied_parameters_load_from_a_file_holding_either_name(tmp_path, counted_reads, kind, name_in_file):
     from safetensors import safe_open
 
     source = _tiny_encoder(kind)
@@ -212,6 +212,7 @@ def test_tied_parameters_load_from_a_file_holding_either_name(tmp_path, kind, na
     torch.nn.init.zeros_(target.shared.weight)
     assert load_component(tmp_path, WeightFile(component="text_encoder", path="model.safetensors"), target)
     assert target.shared.weight is target.encoder.embed_tokens.weight
+    assert counted_reads["bytes"] == sum(v.numel() * v.element_size() for v in saved.values())  # the tie read once
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     ids = torch.tensor([[3, 5, 7, 1]])

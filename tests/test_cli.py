@@ -31,6 +31,24 @@ def test_plugins_json_lists_distribution_hooks_models_and_load_errors(plugin_sit
     assert wan["text_encoder"]["parameters"] == 5680910336 and wan["vae"]["bytes"] == 4 * 126892531
 
 
+def test_sizes_count_a_tied_parameter_once():
+    """One tensor under two names (transformers' T5 ties ``shared`` to ``encoder.embed_tokens``)
+    is one tensor's parameters and bytes."""
+    from torch import nn
+
+    from core.sizes import component_sizes
+
+    encoder = nn.Module()
+    encoder.shared, encoder.embed_tokens = nn.Embedding(64, 16), nn.Embedding(64, 16)
+    encoder.embed_tokens.weight = encoder.shared.weight
+
+    class Pipe:
+        def components(self):
+            return {"text_encoder": encoder}
+
+    assert component_sizes(Pipe())["text_encoder"] == {"parameters": 64 * 16, "bytes": 4 * 64 * 16}
+
+
 def test_plugins_text_shows_the_load_error(plugin_site):
     out = ditkit("plugins", sites=[plugin_site]).stdout
     assert "example-dit" in out and "FAILED TO LOAD" in out

@@ -86,6 +86,15 @@ def _umask() -> int:
     return mask
 
 
+def test_run_is_exact_unless_fp8_storage_is_asked_for(example, tmp_path, capsys):
+    from core.cli import main
+
+    for extra, lossy in (([], False), (["--weight-dtype", "float8_e4m3fn"], True)):
+        assert main(["run", "example", "--steps", "1", "--no-progress", "--out", str(tmp_path / "x.png"), *extra]) == 0
+        out = capsys.readouterr().out
+        assert ("lossy: linear weights stored in float8_e4m3fn" in out) is lossy, (extra, out)
+
+
 @pytest.mark.parametrize("args,named", [(["--shard-weights"], "--nproc"), (["--weight-dtype", "int4"], "float8_e4m3fn"),
                                         (["--nproc", "2", "--shard-weights", "--offload", "model"],
                                          "--offload model cannot be combined with --shard-weights")])

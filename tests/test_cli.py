@@ -31,6 +31,24 @@ def test_plugins_json_lists_distribution_hooks_models_and_load_errors(plugin_sit
     assert wan["text_encoder"]["parameters"] == 5680910336 and wan["vae"]["bytes"] == 4 * 126892531
 
 
+def test_sizes_count_a_tied_parameter_once():
+    """One tensor under two names (transformers' T5 ties ``shared`` to ``encoder.embed_tokens``)
+    is one tensor's parameters and bytes."""
+    from torch import nn
+
+    from core.sizes import component_sizes
+
+    encoder = nn.Module()
+    encoder.shared, encoder.embed_tokens = nn.Embedding(64, 16), nn.Embedding(64, 16)
+    encoder.embed_tokens.weight = encoder.shared.weight
+
+    class Pipe:
+        def components(self):
+            return {"text_encoder": encoder}
+
+    assert component_sizes(Pipe())["text_encoder"] == {"parameters": 64 * 16, "bytes": 4 * 64 * 16}
+
+
 def test_plugins_text_shows_the_load_error(plugin_site):
     out = ditkit("plugins", sites=[plugin_site]).stdout
     assert "example-dit" in out and "FAILED TO LOAD" in out
@@ -66,6 +84,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_run_is_exact_unless_fp8_storage_is_asked_for(example, tmp_path, capsys):
+    from core.cli import main
+
+    for extra, lossy in (([], False), (["--weight-dtype", "float8_e4m3fn"], True)):
+        assert main(["run", "example", "--steps", "1", "--no-progress", "--out", str(tmp_path / "x.png"), *extra]) == 0
+        out = capsys.readouterr().out
+        assert ("lossy: linear weights stored in float8_e4m3fn" in out) is lossy, (extra, out)
 
 
 @pytest.mark.parametrize("args,named", [(["--shard-weights"], "--nproc"), (["--weight-dtype", "int4"], "float8_e4m3fn"),

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from core.errors import RankFailed
+from core.errors import InputError, RankFailed
 from core.parallel import launch
 
 from . import usp_workers
@@ -76,3 +76,9 @@ def test_head_count_the_ulysses_degree_does_not_divide_is_an_error_before_any_wo
 
     with pytest.raises(ParallelError, match=r"valid"):
         plan_degrees(4, 6, 4, 1, False)
+
+
+def test_sharded_weights_without_usp_are_refused(example):
+    # without use_usp there are no ranks to shard over: an error, never a silently whole model
+    with pytest.raises(InputError, match=r"shard_weights=True needs use_usp=True"):
+        example.load("example-dit", shard_weights=True)

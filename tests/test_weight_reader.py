@@ -34,25 +34,34 @@ class _CountCasts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.elements = 0
+        self.on_meta = 0
+        """Of which on the meta device (shapes only, no memory)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        n = 0
         if func is torch.ops.aten.copy_.default and args[0].dtype != args[1].dtype:
-            self.elements += args[1].numel()
+            n = args[1].numel()
         elif func is torch.ops.aten._to_copy.default and kwargs.get("dtype", args[0].dtype) != args[0].dtype:
-            self.elements += args[0].numel()
+            n = args[0].numel()
+        self.elements += n
+        self.on_meta += n if args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta" else 0
         return func(*args, **kwargs)
 
 
 @pytest.fixture
 def counted_reads(monkeypatch):
-    """Total bytes the loader reads from files (every read goes through os.preadv)."""
-    total = {"bytes": 0}
+    """Total bytes the loader reads from files (every read goes through os.preadv), and where in
+    memory each read went (address, length)."""
+    import numpy as np
+
+    total = {"bytes": 0, "into": []}
     real = os.preadv
 
     def preadv(fd, buffers, offset):
         n = real(fd, buffers, offset)
         total["bytes"] += n
+        total["into"].extend((np.frombuffer(b, dtype=np.uint8).ctypes.data, len(b)) for b in buffers)
         return n
 
     monkeypatch.setattr(os, "preadv", preadv)
@@ -72,6 +81,9 @@ def test_each_byte_read_once_and_each_tensor_cast_once(tmp_path, counted_reads, 
         assert load_component(tmp_path, wf, module, stats=stats, threads=threads)
     file_bytes = sum(v.numel() * v.element_size() for v in state.values())
     assert counted_reads["bytes"] == file_bytes == stats.bytes_read
+    if file_dtype == module_dtype:  # no cast: the file's bytes go straight into the module's own tensors
+        own = [(t.data_ptr(), t.numel() * t.element_size()) for t in module.state_dict().values()]
+        assert all(any(a <= at and at + n <= a + size for a, size in own) for at, n in counted_reads["into"])
     expected_casts = 0 if file_dtype == module_dtype else sum(v.numel() for v in state.values())
     assert casts.elements == expected_casts, (casts.elements, expected_casts)
     for key, value in module.state_dict().items():
@@ -109,8 +121,6 @@ def test_a_device_target_goes_through_a_bounded_staging_buffer_without_a_host_co
     # and dtype; buffers stay real), then allocated on the target device, here meta for CUDA
     with deferred_parameters():
         module = _Model().to(device="meta", dtype=torch.float16)
-    materialize_parameters({"m": module})
-    assert module.a.weight.device.type == "meta" and module.a.weight.dtype == torch.float16
     allocated = []
     real_empty = torch.empty
 
@@ -120,7 +130,11 @@ def test_a_device_target_goes_through_a_bounded_staging_buffer_without_a_host_co
             allocated.append(t.numel() * t.element_size())
         return t
 
-    monkeypatch.setattr(reader.torch, "empty", empty)
+    monkeypatch.setattr(reader.torch, "empty", empty)  # from here on: materialized, then filled
+    with _CountCasts() as casts:
+        materialize_parameters({"m": module})
+    assert module.a.weight.device.type == "meta" and module.a.weight.dtype == torch.float16
+    assert casts.elements == 0 and not allocated  # once, on the target device, in the final dtype
     stats = LoadStats()
     load_component(tmp_path, WeightFile(component="m", path="m.safetensors"), module, stats=stats, threads=1)
     file_bytes = sum(v.numel() * 2 for v in big.values())
@@ -178,7 +192,7 @@ def _tiny_encoder(kind: str):
 
 @pytest.mark.parametrize("kind", ["t5", "umt5"])
 @pytest.mark.parametrize("name_in_file", ["as saved", "the other name"])
-def test_tied_parameters_load_from_a_file_holding_either_name(tmp_path, kind, name_in_file):
+def test_tied_parameters_load_from_a_file_holding_either_name(tmp_path, counted_reads, kind, name_in_file):
     from safetensors import safe_open
 
     source = _tiny_encoder(kind)
@@ -198,6 +212,7 @@ def test_tied_parameters_load_from_a_file_holding_either_name(tmp_path, kind, na
     torch.nn.init.zeros_(target.shared.weight)
     assert load_component(tmp_path, WeightFile(component="text_encoder", path="model.safetensors"), target)
     assert target.shared.weight is target.encoder.embed_tokens.weight
+    assert counted_reads["bytes"] == sum(v.numel() * v.element_size() for v in saved.values())  # the tie read once
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     ids = torch.tensor([[3, 5, 7, 1]])

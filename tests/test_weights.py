@@ -49,8 +49,15 @@ def test_checkpoint_loads_through_the_real_loader(example, source, tmp_path, sha
 
 
 def test_loading_casts_to_the_requested_dtype(example, source, tmp_path):
+    from .test_weight_reader import _CountCasts
+
     root = write_checkpoint(tmp_path / "ckpt", source)
-    loaded = example.load("example-dit", weights=root, dtype="bfloat16")
+    with _CountCasts() as casts:
+        loaded = example.load("example-dit", weights=root, dtype="bfloat16")
+    # each float32 file tensor cast once into bf16, and nothing else in memory: the factory's own
+    # .to(bfloat16) ran on deferred parameters (meta), not on a float32 model built first
+    file_elements = sum(v.numel() for c in ("dit", "vae", "text_encoder") for v in _state(source, c).values())
+    assert casts.elements - casts.on_meta == file_elements, (casts.elements, casts.on_meta, file_elements)
     assert loaded.dit.patch_embed.weight.dtype == torch.bfloat16
     assert torch.equal(loaded.dit.patch_embed.weight, source.dit.patch_embed.weight.to(torch.bfloat16))
 

@@ -230,13 +230,16 @@ def _free(monkeypatch, device_bytes, host_bytes=None):
     monkeypatch.setattr(guards, "available_bytes", available)
 
 
+GPU_FOOTPRINT = offloading.Footprint(total=6010, components={"text_encoder": 1000, "dit": 2400, "dit_low": 2400,
+                                                             "vae": 200}, buffers=10, blocks=4600, group=115)
+"""The ladder on a GPU, for a model shaped like a real one (MiB): two experts, an encoder, a VAE."""
+
+
 def test_auto_takes_the_least_offload_that_fits(runs, monkeypatch):
     # a real footprint: the blocks are part of the weights, a group part of the blocks
     fp = offloading.footprint(runs.resident("wan")[0])
     assert fp.total > fp.blocks > fp.group > 0 and set(fp.components) == {"text_encoder", "dit", "vae"}
-    # the ladder on a GPU, for a model shaped like a real one (MiB): two experts, an encoder, a VAE
-    fp = offloading.Footprint(total=6010, components={"text_encoder": 1000, "dit": 2400, "dit_low": 2400, "vae": 200},
-                              buffers=10, blocks=4600, group=115)
+    fp = GPU_FOOTPRINT
     cuda = torch.device("cuda")
     need = {m: offloading.needed_bytes(fp, m, cuda) for m in (None, *offloading.MODES)}
     assert need == {None: (6010, 0), "model": (2410, 6000), "block": (1640, 4600), "disk": (1640, 0)}
@@ -254,6 +257,17 @@ def test_auto_takes_the_least_offload_that_fits(runs, monkeypatch):
     assert offloading.choose_mode(fp, torch.device("cpu")) == "disk"
     with pytest.raises(InputError, match="weights="):
         offloading.choose_mode(fp, torch.device("cpu"), disk_possible=False)
+
+
+def test_the_does_not_fit_hint_names_the_least_offload_that_would_fit(monkeypatch):
+    """On a CPU only disk needs less than no offload, so the errors tested here on a CPU can only
+    name disk; on a GPU model and block need less too, and the hint names the least that fits."""
+    cuda = torch.device("cuda")
+    for free, current, least in ((2410, None, "model"), (2409, None, "block"), (2409, "model", "block"),
+                                 (1640, "block", "disk")):
+        _free(monkeypatch, free, host_bytes=6000)
+        hint = offloading.fit_hint(GPU_FOOTPRINT, current, cuda, 0, loaded=False)
+        assert hint.startswith(f"offload={least!r}"), (free, current, hint)
 
 
 def test_auto_through_load_picks_disk_when_only_disk_fits(tmp_path, monkeypatch):
@@ -405,6 +419,13 @@ def test_lora_under_every_mode_equals_lora_resident_and_unloads_exactly(runs):
     files = _file_hashes(runs.checkpoint("wan"))
     for mode in offloading.MODES:
         pipe, out = runs.offloaded("wan", mode)
+        if mode == "model":
+            # a component called outside a generation keeps its compute copy until another one is
+            # called: the LoRA must still reach the home the DiT reloads from in the next generation
+            embed = pipe.dit.patch_embedding
+            with torch.no_grad():
+                embed(torch.zeros(1, embed.in_channels, *embed.kernel_size))
+            assert pipe.offload.materialised() == ["dit"]
         pipe.load_lora(lora, 0.7, adapter_name="style")
         try:
             got = runs.generate(pipe, "wan")
@@ -441,7 +462,8 @@ def test_ditkit_run_offload(example, tmp_path, capsys):
     out = tmp_path / "fox.png"
     assert main(["run", "example", "--offload", "block", "--steps", "1", "--no-progress", "--out", str(out)]) == 0
     assert out.is_file()
-    assert "offload" in capsys.readouterr().out
+    # what the pipeline holds (the 4 example blocks, one unit each), not the word in tmp_path's name
+    assert "Offload(mode='block', device=cpu, units=4," in capsys.readouterr().out
     assert main(["run", "example", "--offload", "disk", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ditkit: error:") and "weights=" in err[0]

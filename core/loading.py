@@ -219,6 +219,16 @@ def _attach(pipe, spec, preset, plugin: str | None = None) -> None:
     pipe.preset_config = dict(preset.config)
 
 
+def _on_meta(spec, plugin, preset, dtype, weights: Path | None, options: dict) -> Pipeline:
+    """The preset's pipeline built on the meta device (shapes only, nothing allocated), attached to
+    its spec: what the offload estimate, the checkpoint's header check and ``check_call`` read."""
+    with torch.device("meta"):
+        meta = _call_factory(spec, plugin, dict(preset.config), device=torch.device("meta"), dtype=dtype,
+                             weights=weights, **options)
+    _attach(meta, spec, preset, plugin)
+    return meta
+
+
 def _offload_request(spec, preset, weights, device, dtype, offload, options, plugin,
                      shard_weights: bool = False) -> tuple[str | None, int]:
     """The offload mode (``"auto"`` resolved against the device's free memory) and group size."""
@@ -229,10 +239,7 @@ def _offload_request(spec, preset, weights, device, dtype, offload, options, plu
     if mode is None and group != 1:
         raise InputError("num_blocks_per_group needs offload='block' or 'disk'")
     if mode == "auto":
-        with torch.device("meta"):
-            meta = _call_factory(spec, plugin, dict(preset.config), device=torch.device("meta"), dtype=dtype,
-                                 weights=None if weights is None else Path(weights), **options)
-        _attach(meta, spec, preset, plugin)
+        meta = _on_meta(spec, plugin, preset, dtype, None if weights is None else Path(weights), options)
         estimated = meta.estimate_bytes(meta.resolve(prompt="x"))
         mode = offloading.choose_mode(offloading.footprint(meta, group), device, int(estimated or 0),
                                       disk_possible=weights is not None, what=f"{spec.name!r}")
@@ -249,8 +256,7 @@ def _build_with_weights(spec, preset, root: Path, device, dtype, options, plugin
     check_required_paths(root, layout)
     config = dict(preset.config)
     # 1. shapes only: build on the meta device and compare every file's header with it
-    with torch.device("meta"):
-        meta = _call_factory(spec, plugin, config, device=torch.device("meta"), dtype=dtype, weights=root, **options)
+    meta = _on_meta(spec, plugin, preset, dtype, root, options)
     checked = [check_layout(root, wf, component_module(meta, wf.component)) for wf in layout.files]
     del meta
     # 2. build for real without random init
@@ -313,9 +319,7 @@ def check_call(name: str, preset=None, weights=None, device=None, dtype=None, *,
     elif not chosen.random_weights:
         raise WeightsError(f"preset {preset_name!r} of {spec.name!r} needs weights=<directory in the official layout>")
     mode = offloading.resolve_mode(offload, has_weights=root is not None)
-    with torch.device("meta"):
-        meta = _call_factory(spec, record.plugin, dict(chosen.config), device=torch.device("meta"), dtype=dtype, weights=root)
-    _attach(meta, spec, chosen, record.plugin)
+    meta = _on_meta(spec, record.plugin, chosen, dtype, root, {})
     args = meta.resolve(prompt=prompt, **call)
     meta.check_inputs(args)
     # the size check against real memory: the meta pipeline knows the shapes, ``dev`` the room; the

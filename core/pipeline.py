@@ -42,6 +42,10 @@ class Pipeline:
     base_arguments: tuple[str, ...] = ("prompt", "negative_prompt", "seed", "generator")
     """Generation arguments every pipeline takes besides its ``defaults``' keys."""
 
+    offload: Any = None
+    """The :class:`core.offload.Offload` that ``core.load(offload=...)`` attached, else ``None`` (a
+    class default too, for a pipeline whose ``__init__`` does not reach this one's)."""
+
     def __init__(self, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
@@ -63,7 +67,7 @@ class Pipeline:
     def to(self, device=None, dtype=None) -> "Pipeline":
         """Move every component to ``device`` and, when given, cast its floating-point weights to
         ``dtype`` (the pipeline's compute dtype follows)."""
-        if getattr(self, "offload", None) is not None:
+        if self.offload is not None:
             raise InputError(f"{type(self).__name__} is offloaded ({self.offload.mode!r}): its weights move per call; "
                              f"choose the device with core.load(..., device=...) instead of .to()")
         for module in self.components().values():
@@ -118,7 +122,7 @@ class Pipeline:
         if absent:
             raise CompileError(f"compilable component(s) {absent} are not nn.Module attributes of {type(self).__name__}")
         options = {"mode": mode, "dynamic": dynamic, "fullgraph": fullgraph, **kwargs}
-        if getattr(self, "offload", None) is not None:
+        if self.offload is not None:
             self.offload.check_compile(options)
         loaded = unreadable = None
         if cache_dir is not None:
@@ -140,7 +144,7 @@ class Pipeline:
 
             raise CompileError(f"{declared_by(self)}: {exc}") from None
         report.bundle_loaded, report.bundle_unreadable = loaded, unreadable
-        if getattr(self, "offload", None) is not None:
+        if self.offload is not None:
             self.offload.compiled(report)  # compiled methods run inside the offload wrappers
         self.compile_report = report
         return report
@@ -282,8 +286,7 @@ class Pipeline:
         )
         args["generator"] = generator
         self.check_inputs(args)
-        offload = getattr(self, "offload", None)
-        with torch.inference_mode(), (offload.generation() if offload is not None else contextlib.nullcontext()):
+        with torch.inference_mode(), (self.offload.generation() if self.offload is not None else contextlib.nullcontext()):
             output = self.generate(progress=progress, **contract.generate_arguments(self, args))
         # one place for every plugin: a non-Output or non-finite result never reaches a writer
         guards.check_output_tensors(output, plugin=self._plugin_name(), model=self._model_name())

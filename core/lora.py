@@ -69,6 +69,15 @@ _METADATA_KEY = "lora_adapter_metadata"
 WeightStorage = Callable[[nn.Module, str], "list[torch.Tensor]"]
 
 
+def _is_sharded(param: torch.Tensor) -> bool:
+    """A parameter FSDP2 sharded across ranks (a ``DTensor``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor) or isinstance(param.data, DTensor)
+
+
 def default_storage(module: nn.Module, name: str) -> list[torch.Tensor]:
     """The registered parameter itself (its ``.data``), wherever it lives between calls: in place,
     or the home :mod:`core.offload` gives it (a host copy, or under ``offload="disk"`` the
@@ -78,7 +87,7 @@ def default_storage(module: nn.Module, name: str) -> list[torch.Tensor]:
     param = module._parameters.get(name)
     if param is None:
         param = getattr(module, name)
-    if type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor":
+    if _is_sharded(param):
         raise InputError(f"LoRA on weights sharded across ranks (shard_weights=True) is not supported: "
                          f"{type(module).__name__}.{name} holds one shard per rank; load the pipeline "
                          f"without shard_weights to use a LoRA")
@@ -496,9 +505,8 @@ class LoraManager:
 
     def _refresh(self, keys) -> None:
         """Recompute each parameter from its original and every loaded adapter (load order)."""
-        offload = getattr(self.pipe, "offload", None)
-        if offload is not None:  # no compute copy outlives the write: each unit reloads from its home
-            offload.release_all()
+        if self.pipe.offload is not None:  # no compute copy outlives the write: each unit reloads from its home
+            self.pipe.offload.release_all()
         with torch.no_grad():
             for key in keys:
                 module, param = self._module(key), key[2]

@@ -171,16 +171,17 @@ def compile_and_diverge(site: str) -> dict:
     except RuntimeError as exc:
         results["compile+shard recompiled"] = str(exc)[-400:]
     results["compile+shard graphs per block class"] = first
-    results.update(_lora_under_usp(eager, compiled))
+    results.update(_lora_under_usp(eager, compiled, sharded))
     return results
 
 
-def _lora_under_usp(eager, compiled) -> dict:
+def _lora_under_usp(eager, compiled, sharded) -> dict:
     """The same LoRA on every rank: compile + USP + LoRA equals eager + USP + LoRA without a
-    recompile, and a rank whose weights differ (another scale) stops every rank."""
+    recompile, and a rank whose weights differ (another scale) stops every rank. On weights sharded
+    across ranks a LoRA is refused (each rank holds rows of the weight, not the weight)."""
     import torch.distributed as dist
 
-    from core.errors import ParallelError
+    from core.errors import InputError, ParallelError
 
     g = torch.Generator().manual_seed(0)
     lora = {}
@@ -189,6 +190,11 @@ def _lora_under_usp(eager, compiled) -> dict:
             lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g)
             lora[f"transformer.{name}.lora_B.weight"] = 0.05 * torch.randn(layer.out_features, 2, generator=g)
     out = {}
+    try:
+        sharded.load_lora(lora, 0.8)
+        out["lora on sharded weights"] = "accepted"
+    except InputError as exc:
+        out["lora on sharded weights"] = str(exc)
     for pipe in (eager, compiled):
         pipe.load_lora(lora, 0.8, adapter_name="style")
     try:

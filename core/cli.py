@@ -76,7 +76,9 @@ def _preflight(args) -> str:
                          f"--offload block with --shard-weights, or --offload {args.offload} without it")
     from .fp8_weights import resolve_weight_dtype
 
-    resolve_weight_dtype(args.weight_dtype)
+    if resolve_weight_dtype(args.weight_dtype) is not None and args.shard_weights:
+        raise InputError(f"--weight-dtype {args.weight_dtype} cannot be combined with --shard-weights yet (fp8 "
+                         f"storage is not sharded); use one of them")
     spec = get_registry().model(args.model).spec
     kind = spec.capabilities.output
     out = args.out or default_output_name(spec.name, kind)

@@ -97,7 +97,9 @@ def test_run_is_exact_unless_fp8_storage_is_asked_for(example, tmp_path, capsys)
 
 @pytest.mark.parametrize("args,named", [(["--shard-weights"], "--nproc"), (["--weight-dtype", "int4"], "float8_e4m3fn"),
                                         (["--nproc", "2", "--shard-weights", "--offload", "model"],
-                                         "--offload model cannot be combined with --shard-weights")])
+                                         "--offload model cannot be combined with --shard-weights"),
+                                        (["--nproc", "2", "--shard-weights", "--weight-dtype", "float8_e4m3fn"],
+                                         "--weight-dtype float8_e4m3fn cannot be combined with --shard-weights")])
 def test_memory_flags_are_checked_before_any_work(example, tmp_path, capsys, args, named):
     from core.cli import main
 
